@@ -1,0 +1,72 @@
+"""The `upstack` command: one entry point, a subcommand per stage.
+
+Each module in `upstack.commands` registers its subcommands (`register(subparsers, common)`) and
+imports heavy libraries (torch, transformers) only inside the function that runs the command, so
+`upstack upscale` on the pure-copy path never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+
+from upstack import __version__
+from upstack.errors import UpstackError
+
+
+def _command_modules():
+    import upstack.commands as pkg
+
+    mods = [importlib.import_module(f"upstack.commands.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+    return sorted(mods, key=lambda m: getattr(m, "ORDER", 100))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info messages")
+    parser = argparse.ArgumentParser(
+        prog="upstack",
+        description="Depth up-scale, train, align, merge and evaluate open LLMs (the SOLAR 10.7B recipe).",
+    )
+    parser.add_argument("--version", action="version", version=f"upstack {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        mod.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        rc = args.func(args)
+    except UpstackError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted (partial output removed; re-run to resume where supported)", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
