@@ -1,0 +1,174 @@
+"""`upstack upscale`, `upstack inspect`, `upstack verify`."""
+
+from __future__ import annotations
+
+import argparse
+
+from upstack.commands.output import format_table, human_bytes, print_json
+
+ORDER = 10
+
+UPSCALE_HELP = """\
+Depth up-scale a Hugging Face checkpoint (SOLAR's DUS and other layer plans).
+
+Layer plans:
+  --method dus --m M        (default) layers [0, n-M) of one copy + [M, n) of another: 2(n-M) layers.
+                            SOLAR: Mistral-7B n=32, M=8 -> 48 layers. Default M = n // 4.
+  --method stack            the whole model twice (M = 0).
+  --method interleave --every K
+                            LLaMA-Pro: after every K blocks a copy of the last one with its attention
+                            output and MLP down projections zeroed (same function as the source).
+  --layers "0-23,8-31"      any list of source-layer ranges; END-INCLUSIVE ("0-23" is 24 layers).
+
+Pure copies keep the source bytes exactly (kernel-side byte-range copy; torch is not imported).
+The output is a standard HF folder: sharded safetensors + index, config.json with num_hidden_layers
+and per-layer fields remapped, tokenizer, chat template, generation config, README.md model card and
+upstack.json (the layer map). It is written to a temporary sibling folder and renamed at the end.
+
+examples:
+  upstack upscale mistral-7b solar-base --m 8
+  upstack upscale ./mistral-config-only out --m 8 --dry-run --json
+  upstack upscale tiny tiny-pro --method interleave --every 2
+"""
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("upscale", parents=[common], help="depth up-scale a checkpoint (DUS, stack, interleave)",
+                       description=UPSCALE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="source HF checkpoint folder (a folder with only config.json works with --dry-run)")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--method", default="dus", choices=["dus", "stack", "interleave"], help="layer plan (default dus)")
+    p.add_argument("--m", type=int, default=None, help="dus: layers dropped at the seam from each copy (default n//4)")
+    p.add_argument("--layers", default=None,
+                   help='explicit source-layer ranges, end-inclusive, e.g. "0-23,8-31" (overrides --method)')
+    p.add_argument("--every", type=int, default=None, help="interleave: insert a zeroed copy after every K blocks")
+    p.add_argument("--dtype", default=None, help="cast floating tensors (float32, bfloat16, float16); default keeps source")
+    p.add_argument("--shard-size", default="5GB", help="max shard size with units: 5GB (default), 500MB, 2GiB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (layer map, config changes, size) and write nothing")
+    p.add_argument("--allow-unknown-arch", action="store_true",
+                   help="try the generic 'model.layers.N.' pattern for an architecture not in the table (warns)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
+    p.add_argument("--json", action="store_true", help="print the plan/result as JSON")
+    p.set_defaults(func=run_upscale)
+
+    p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's architecture, sizes and dtypes",
+                       description="Show architecture, layer count, hidden size, parameters, dtypes, bytes on "
+                                   "disk, tied embeddings and per-layer config fields of a checkpoint folder.\n\n"
+                                   "example: upstack inspect runs/tiny-solar/upscale --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="HF checkpoint folder")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=run_inspect)
+
+    p = sub.add_parser("verify", parents=[common], help="check a checkpoint folder is complete and consistent",
+                       description="Check index vs shards, strict safetensors headers (offsets, dtypes, sizes), "
+                                   "index total_size, layer count and tensor shapes vs config.json; with --load, "
+                                   "load it with transformers and run one forward pass. Exit 0 when it passes, "
+                                   "2 when problems are found.\n\nexample: upstack verify out --load",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="HF checkpoint folder")
+    p.add_argument("--load", action="store_true", help="also load with AutoModelForCausalLM and run a forward pass")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_verify)
+
+
+def run_upscale(args) -> int:
+    import logging
+
+    from upstack.arch import ARCHS
+    from upstack.checkpoint import read_config
+    from upstack.upscale import UpscaleConfig, compress_ranges, upscale
+
+    cfg = UpscaleConfig(
+        source=args.source, out=args.out, method=args.method, m=args.m, layers=args.layers, every=args.every,
+        dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
+        allow_unknown_arch=args.allow_unknown_arch, allow_pickle=args.allow_pickle, quiet=args.quiet,
+    )
+    if args.allow_unknown_arch:
+        src_cfg = read_config(args.source)
+        if src_cfg.get("model_type") not in ARCHS:
+            logging.warning("warning: model_type %r is not in the architecture table; using the generic "
+                            "'model.layers.N.' pattern — check the output with `upstack verify --load`",
+                            src_cfg.get("model_type"))
+    report = upscale(cfg)
+    if args.json:
+        print_json(report)
+        return 0
+    lm = report["layer_map"]
+    print(f"{report['description']}: {report['source_num_hidden_layers']} -> {report['num_hidden_layers']} layers "
+          f"({report['model_type']})")
+    rows, start = [], 0
+    for k in range(1, len(lm) + 1):
+        if k == len(lm) or lm[k] != lm[k - 1] + 1:
+            rows.append([f"{start}-{k - 1}" if k - 1 > start else str(start),
+                         f"{lm[start]}-{lm[k - 1]}" if k - 1 > start else str(lm[start])])
+            start = k
+    print(format_table(["output layers", "<- source layers"], rows))
+    if report["new_layers"]:
+        print(f"zero-initialised (identity) blocks: {compress_ranges(report['new_layers'])}")
+    for key, ch in report["config_changes"].items():
+        print(f"config {key}: {_short(ch['from'])} -> {_short(ch['to'])}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"parameters: {report['source_parameters']:,} -> {report['num_parameters']:,}; "
+          f"output {human_bytes(report['output_bytes'])} in {report['num_shards']} shard(s)")
+    print("dry run: nothing written" if report["dry_run"] else f"wrote {report['out']}")
+    return 0
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def run_inspect(args) -> int:
+    from upstack.checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
+    if args.json:
+        print_json(info)
+        return 0
+    rows = [
+        ["architecture", f"{info['model_type']} {info['architectures'] or ''}".strip()
+         + ("" if info["supported"] else " (not in upstack's table)")],
+        ["layers", info["num_hidden_layers"]],
+        ["hidden size", info["hidden_size"]],
+        ["intermediate size", info["intermediate_size"]],
+        ["heads (kv)", f"{info['num_attention_heads']} ({info['num_key_value_heads']})"],
+        ["vocab size", info["vocab_size"]],
+        ["parameters", f"{info['num_parameters']:,}"],
+        ["dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "-"],
+        ["config dtype", info["config_dtype"]],
+        ["tensor bytes", human_bytes(info["tensor_bytes"])],
+        ["bytes on disk", human_bytes(info["bytes_on_disk"])],
+        ["tensors / files", f"{info['num_tensors']} in {len(info['weight_files'])} file(s)"],
+        ["tied embeddings", f"{info['tie_word_embeddings']} (lm_head stored: {info['has_lm_head']})"],
+    ]
+    for k, v in info["per_layer_fields"].items():
+        rows.append([f"per-layer {k}", _short(v)])
+    if info["upstack"] and "upscale" in info["upstack"]:
+        up = info["upstack"]["upscale"]
+        rows.append(["upscaled from", f"{up.get('source')} ({up.get('method')})"])
+    print(format_table(["field", "value"], rows))
+    return 0
+
+
+def run_verify(args) -> int:
+    from upstack.checkpoint import verify_checkpoint
+
+    report = verify_checkpoint(args.checkpoint, load=args.load, allow_pickle=args.allow_pickle)
+    if args.json:
+        print_json(report)
+    else:
+        for c in report["checks"]:
+            print(f"ok: {c}")
+        for w in report["warnings"]:
+            print(f"warning: {w}")
+        for p in report["problems"]:
+            print(f"problem: {p}")
+        print("verify: PASSED" if report["ok"] else f"verify: FAILED ({len(report['problems'])} problem(s))")
+    return 0 if report["ok"] else 2

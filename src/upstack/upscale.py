@@ -1,0 +1,310 @@
+"""Depth up-scaling: layer plans (dus, stack, interleave, explicit ranges) -> tensor plans -> checkpoint.
+
+SOLAR's DUS (arXiv 2312.15166): from an n-layer base keep layers [0, n-m) of one copy and [m, n) of
+another, s = 2(n-m) layers: output layer i is source layer i for i < n-m, else i-(n-2m).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+from pathlib import Path
+
+from upstack import __version__
+from upstack.arch import ArchSpec, get_arch, layer_name, num_layers, remap_config, split_layer_name
+from upstack.checkpoint import (
+    DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, load_tensor, normalize_dtype,
+    open_checkpoint, tensor_to_bytes, write_checkpoint,
+)
+from upstack.config import parse_bytes
+from upstack.errors import ConfigError, OutputExistsError, UpstackError
+
+METHODS = ("dus", "stack", "interleave")
+
+
+@dataclasses.dataclass
+class UpscaleConfig:
+    """Options of `upstack upscale` (CLI flags and recipe keys are the same names)."""
+
+    source: str
+    out: str
+    method: str = "dus"
+    m: int | None = None            # dus: layers dropped at the seam (default n // 4, SOLAR's 8 of 32)
+    layers: str | None = None       # explicit "0-23,8-31" (end-inclusive ranges), overrides method
+    every: int | None = None        # interleave: a zero-initialised copy after every K blocks
+    dtype: str | None = None        # cast floating tensors (default: keep the source dtype and bytes)
+    shard_size: str = "5GB"
+    overwrite: bool = False
+    dry_run: bool = False
+    allow_unknown_arch: bool = False
+    allow_pickle: bool = False
+    quiet: bool = False
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    layer_map: list[int]            # source layer index per output layer
+    new_layers: list[int]           # output layers whose residual outputs are zeroed (interleave)
+    description: str
+
+
+def parse_layer_ranges(text: str, n: int) -> list[int]:
+    """'0-23,8-31' -> [0..23, 8..31] (end-inclusive); single indices allowed ('0-3,3,4-7')."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise ConfigError(f"--layers {text!r}: empty range")
+        try:
+            a, b = (part.split("-", 1) + [None])[:2] if "-" in part else (part, part)
+            a, b = int(a), int(b)
+        except ValueError:
+            raise ConfigError(f"--layers {text!r}: cannot read {part!r} (use ranges like 0-23,8-31)") from None
+        if a < 0 or b < 0 or a > n - 1 or b > n - 1:
+            raise ConfigError(f"--layers {text!r}: layer index out of range in {part!r}; the source has "
+                              f"{n} layers (0-{n - 1})")
+        if b < a:
+            raise ConfigError(f"--layers {text!r}: range {part!r} runs backwards")
+        out.extend(range(a, b + 1))
+    return out
+
+
+def make_layer_plan(n: int, method: str = "dus", m: int | None = None, layers: str | None = None,
+                    every: int | None = None) -> LayerPlan:
+    """The output layer order for an n-layer source."""
+    if layers:
+        lm = parse_layer_ranges(layers, n)
+        return LayerPlan(lm, [], f"layers {layers}")
+    if method == "dus":
+        m = n // 4 if m is None else m
+        if m < 0 or 2 * (n - m) <= 0:
+            raise ConfigError(f"--m {m} is out of range for a {n}-layer model (need 0 <= m < {n})")
+        lm = list(range(n - m)) + list(range(m, n))
+        return LayerPlan(lm, [], f"dus m={m}: [0..{n - m - 1}] + [{m}..{n - 1}]")
+    if method == "stack":
+        return LayerPlan(list(range(n)) * 2, [], f"stack: [0..{n - 1}] twice")
+    if method == "interleave":
+        if every is None or every < 1 or every > n:
+            raise ConfigError(f"--method interleave needs --every K with 1 <= K <= {n}, got {every}")
+        lm, new = [], []
+        for i in range(n):
+            lm.append(i)
+            if (i + 1) % every == 0:
+                new.append(len(lm))
+                lm.append(i)
+        return LayerPlan(lm, new, f"interleave: a zeroed copy after every {every} blocks")
+    raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def compress_ranges(values: list[int]) -> str:
+    """[0,1,2,3,8,9] -> '0-3,8-9'."""
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(f"{values[i]}-{values[j]}" if j > i else str(values[i]))
+        i = j + 1
+    return ",".join(parts)
+
+
+def _group_layers(ckpt: Checkpoint, arch: ArchSpec, n: int):
+    """Split tensors into per-layer dicts (rest name -> ref) and non-layer refs; check consistency."""
+    per_layer: list[dict[str, TensorRef]] = [{} for _ in range(n)]
+    others: list[TensorRef] = []
+    for name, ref in ckpt.tensors.items():
+        split = split_layer_name(name, arch)
+        if split is None:
+            others.append(ref)
+            continue
+        i, rest = split
+        if i >= n:
+            raise UpstackError(f"{ckpt.folder}: tensor {name!r} is for layer {i} but config.json says "
+                               f"{arch.layer_count_key}={n}")
+        per_layer[i][rest] = ref
+    names0 = set(per_layer[0])
+    for i, layer in enumerate(per_layer):
+        if not layer:
+            raise UpstackError(f"{ckpt.folder}: no tensors for layer {i} (config.json says {n} layers; "
+                               "missing from the index?)")
+        if set(layer) != names0:
+            diff = sorted(set(layer) ^ names0)
+            raise UpstackError(f"{ckpt.folder}: layer {i} has different tensors from layer 0: {', '.join(diff[:4])}")
+    return per_layer, others
+
+
+def _cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
+    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB."""
+    rows = ref.shape[0] if ref.shape else 1
+    row_bytes = max(1, ref.nbytes // rows) if ref.shape else ref.nbytes
+
+    def compute():
+        import torch
+
+        dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
+        if not ref.shape:
+            yield tensor_to_bytes(load_tensor(ref).to(dt))
+            return
+        step = max(1, (64 << 20) // row_bytes)
+        for a in range(0, rows, step):
+            yield tensor_to_bytes(load_tensor(ref, (a, min(rows, a + step))).to(dt))
+
+    return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"cast {ref.name} -> {dtype}")
+
+
+def _zeros_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
+    nbytes = math.prod(ref.shape) * DTYPE_SIZES[dtype]
+
+    def compute():
+        chunk = 64 << 20
+        for a in range(0, nbytes, chunk):
+            yield bytes(min(chunk, nbytes - a))
+
+    return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"zeros (shape of {ref.name})")
+
+
+def _source_plan(name: str, ref: TensorRef, dtype: str | None) -> TensorPlan:
+    if dtype and dtype != ref.dtype and ref.dtype in ("F32", "F16", "BF16", "F64"):
+        return _cast_plan(name, ref, dtype)
+    return TensorPlan(name, ref.dtype, ref.shape, copy=ref, description=f"copy {ref.name}")
+
+
+def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype: str | None = None) -> list[TensorPlan]:
+    """Tensor plans: non-layer tensors as in the source, then output layers in order."""
+    n = num_layers(ckpt.config, arch)
+    per_layer, others = _group_layers(ckpt, arch, n)
+    new = set(layer_plan.new_layers)
+    order = sorted(ckpt.tensors.values(), key=lambda r: (str(r.path), r.offset))
+    first_layer_pos = next((k for k, r in enumerate(order) if split_layer_name(r.name, arch)), len(order))
+    before = {r.name for r in order[:first_layer_pos]}
+    plans = [_source_plan(r.name, r, dtype) for r in others if r.name in before]
+    for j, i in enumerate(layer_plan.layer_map):
+        zeroed = 0
+        for rest, ref in per_layer[i].items():
+            out_name = layer_name(j, rest, arch)
+            if j in new and any(fnmatch.fnmatchcase(rest, pat) for pat in arch.residual_out):
+                plans.append(_zeros_plan(out_name, ref, dtype or ref.dtype))
+                zeroed += 1
+            else:
+                plans.append(_source_plan(out_name, ref, dtype))
+        if j in new and zeroed == 0:
+            raise UpstackError(f"interleave: found no residual output projections to zero in layer {i} "
+                               f"(looked for {', '.join(arch.residual_out)})")
+    plans += [_source_plan(r.name, r, dtype) for r in others if r.name not in before]
+    return plans
+
+
+def count_parameters_from_config(config: dict) -> int:
+    """Exact parameter count of a config, by building the model on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = {k: v for k, v in config.items() if k not in ("architectures",)}
+    model_type = cfg_dict.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **cfg_dict)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # transformers raises several types for configs it cannot build
+        raise UpstackError(f"cannot count parameters for model_type={model_type!r} from config.json "
+                           f"({type(e).__name__}: {e})") from None
+    return sum(p.numel() for p in model.parameters())
+
+
+def _config_dtype(config: dict) -> str | None:
+    value = config.get("dtype") or config.get("torch_dtype")
+    try:
+        return normalize_dtype(value) if isinstance(value, str) else None
+    except UpstackError:
+        return None
+
+
+def model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, layer_plan: LayerPlan,
+               num_params: int) -> str:
+    arch = src_config.get("model_type", "?")
+    lines = [
+        "---",
+        f"base_model: {Path(cfg.source).name}",
+        "tags:", "- upstack", "- depth-up-scaling",
+        "---", "",
+        f"# {Path(cfg.out).name}", "",
+        f"Made by upstack {__version__} from `{cfg.source}` ({arch}, {src_config.get('num_hidden_layers')} layers) "
+        f"by **{layer_plan.description}**, giving {new_config.get('num_hidden_layers')} layers and "
+        f"{num_params:,} parameters.", "",
+        "Depth up-scaling as in SOLAR 10.7B (arXiv 2312.15166). The model needs continued pretraining to "
+        "recover from the seam before it is useful.", "",
+        "| output layers | source layers |", "|---|---|",
+    ]
+    lm = layer_plan.layer_map
+    start = 0
+    for k in range(1, len(lm) + 1):
+        if k == len(lm) or lm[k] != lm[k - 1] + 1:
+            lines.append(f"| {start}-{k - 1} | {lm[start]}-{lm[k - 1]} |")
+            start = k
+    if layer_plan.new_layers:
+        lines += ["", f"Zero-initialised residual outputs (identity blocks) in output layers "
+                      f"{compress_ranges(layer_plan.new_layers)}."]
+    return "\n".join(lines) + "\n"
+
+
+def upscale(cfg: UpscaleConfig) -> dict:
+    """Run `upstack upscale`: plan, validate, then (unless dry_run) stream the new checkpoint."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite and not cfg.dry_run:
+        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    shard_size = parse_bytes(cfg.shard_size, "--shard-size")
+    dtype = normalize_dtype(cfg.dtype) if cfg.dtype else None
+    ckpt = open_checkpoint(cfg.source, allow_pickle=cfg.allow_pickle, weights_required=not cfg.dry_run)
+    arch = get_arch(ckpt.config, cfg.allow_unknown_arch)
+    n = num_layers(ckpt.config, arch)
+    if cfg.method not in METHODS and not cfg.layers:
+        raise ConfigError(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
+    layer_plan = make_layer_plan(n, cfg.method, cfg.m, cfg.layers, cfg.every)
+    new_config, notes = remap_config(ckpt.config, arch, layer_plan.layer_map)
+    if dtype:
+        for key in ("dtype", "torch_dtype"):
+            if key in new_config or key == "dtype":
+                new_config[key] = TORCH_DTYPE_NAMES[dtype]
+    changes = {k: {"from": ckpt.config.get(k), "to": v} for k, v in new_config.items() if ckpt.config.get(k) != v}
+
+    if ckpt.tensors:
+        plans = plan_tensors(ckpt, arch, layer_plan, dtype)
+        num_params = sum(p.numel for p in plans)
+        output_bytes = sum(p.nbytes for p in plans)
+        source_params = ckpt.num_parameters
+    else:  # a folder with only config.json: count from the config itself
+        plans = []
+        num_params = count_parameters_from_config(new_config)
+        source_params = count_parameters_from_config(ckpt.config)
+        out_dtype = dtype or _config_dtype(ckpt.config) or "F32"
+        output_bytes = num_params * DTYPE_SIZES[out_dtype]
+    report = {
+        "source": str(cfg.source), "out": str(out), "method": "layers" if cfg.layers else cfg.method,
+        "description": layer_plan.description, "model_type": ckpt.config.get("model_type"),
+        "source_num_hidden_layers": n, "num_hidden_layers": len(layer_plan.layer_map),
+        "layer_map": layer_plan.layer_map, "new_layers": layer_plan.new_layers,
+        "source_parameters": source_params, "num_parameters": num_params, "output_bytes": output_bytes,
+        "num_tensors": len(plans), "num_shards": _count_shards(plans, shard_size),
+        "config_changes": changes, "notes": notes, "dry_run": cfg.dry_run,
+    }
+    if cfg.dry_run:
+        return report
+    provenance = {"upscale": {
+        "source": str(cfg.source), "method": report["method"], "m": cfg.m if cfg.method == "dus" else None,
+        "layers": cfg.layers, "every": cfg.every, "layer_map": layer_plan.layer_map,
+        "new_layers": layer_plan.new_layers, "source_num_hidden_layers": n, "upstack_version": __version__,
+    }}
+    write_checkpoint(
+        plans, out, config=new_config, aux_from=ckpt.folder, shard_size=shard_size, overwrite=cfg.overwrite,
+        model_card=model_card(cfg, ckpt.config, new_config, layer_plan, num_params),
+        extra_files={"upstack.json": json.dumps(provenance, indent=2) + "\n"}, progress=not cfg.quiet,
+    )
+    return report
+
+
+def _count_shards(plans: list[TensorPlan], shard_size: int) -> int:
+    from upstack.checkpoint import assign_shards
+
+    return len(assign_shards(plans, shard_size)) if plans else 0
