@@ -77,7 +77,7 @@ def register(sub, common) -> None:
 
 
 def run_upscale(args) -> int:
-    import logging
+    import sys
 
     from upstack.arch import ARCHS
     from upstack.checkpoint import read_config
@@ -91,9 +91,9 @@ def run_upscale(args) -> int:
     if args.allow_unknown_arch:
         src_cfg = read_config(args.source)
         if src_cfg.get("model_type") not in ARCHS:
-            logging.warning("warning: model_type %r is not in the architecture table; using the generic "
-                            "'model.layers.N.' pattern — check the output with `upstack verify --load`",
-                            src_cfg.get("model_type"))
+            print(f"warning: model_type {src_cfg.get('model_type')!r} is not in the architecture table; using "
+                  "the generic 'model.layers.N.' pattern; check the output with `upstack verify --load`",
+                  file=sys.stderr)
     report = upscale(cfg)
     if args.json:
         print_json(report)
