@@ -1,0 +1,134 @@
+"""`upstack run RECIPE`, `upstack demo`, `upstack report`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from upstack.commands.output import format_table, human_bytes, print_json
+
+ORDER = 5
+
+RUN_HELP = """\
+Run a recipe: named stages (synth-data, base, upscale, pretrain, sft, dpo, merge, eval, contamination,
+decontaminate, synth-math) whose options are those of the matching command, chained by naming earlier
+stages (`model: sft_math`, `data: [data/sft_math.jsonl]`). The whole recipe is validated first (unknown
+keys, missing inputs, cycles, wrong types: all reported at once with line numbers). Each stage writes to
+RUN_DIR/<stage>/ with its resolved config (upstack_stage.json); a stage whose config and inputs are
+unchanged since it completed is skipped, so an interrupted run continues where it stopped. report.md,
+PNG plots and results.json are written in RUN_DIR after each stage.
+
+examples:
+  upstack run recipes/tiny-solar.yaml
+  upstack run recipes/solar-10.7b.yaml --dry-run
+  upstack run my.yaml --from sft        # re-run sft and everything after it
+  upstack run my.yaml --only eval_dpo   # re-run one stage (its inputs must be done)
+"""
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("run", parents=[common], help="run a recipe (the SOLAR chain) end to end",
+                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML file (built-in: recipes/tiny-solar.yaml, recipes/solar-10.7b.yaml)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--profile", default=None, help="apply a profile of the recipe (e.g. quick)")
+    p.add_argument("--from", dest="from_stage", default=None, help="re-run this stage and every later one")
+    p.add_argument("--only", default=None, help="run only this stage (its inputs must have completed)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the plan: stages, parameters, disk, memory estimates, launch commands")
+    p.add_argument("--json", action="store_true", help="print the plan or summary as JSON")
+    p.set_defaults(func=run_run)
+
+    p = sub.add_parser("demo", parents=[common], help="run the built-in tiny SOLAR recipe on CPU (no data, no network)",
+                       description="Run recipes/tiny-solar.yaml: synthetic data, a tokenizer, a small Mistral "
+                                   "pretrained from scratch, DUS, continued pretraining, two SFT variants, DPO, "
+                                   "merges, evaluation of every model, report.md. About 10 minutes on 2 CPU cores; "
+                                   "--quick runs the same chain smaller in under 2 minutes.\n\n"
+                                   "examples:\n  upstack demo\n  upstack demo --quick --out /tmp/demo",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the same chain at a smaller scale (< 2 minutes)")
+    p.add_argument("--out", default=None, help="run folder (default runs/tiny-solar or runs/tiny-solar-quick)")
+    p.add_argument("--from", dest="from_stage", default=None, help="re-run this stage and every later one")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("report", parents=[common], help="(re)write report.md, plots and results.json of a run folder",
+                       description="Rebuild report.md, the PNG plots and results.json of a run folder.\n\n"
+                                   "example: upstack report runs/tiny-solar",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="run folder (runs/<recipe>)")
+    p.set_defaults(func=run_report)
+
+
+def builtin_recipe(name: str) -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes" / name
+
+
+def _print_plan(recipe, rows, as_json: bool) -> None:
+    if as_json:
+        print_json({"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": rows})
+        return
+    print(f"recipe {recipe.name}: {len(rows)} stages -> {recipe.run_dir}")
+    table = []
+    for r in rows:
+        table.append([
+            r["stage"], r["type"], ",".join(r["deps"]) or "-",
+            r.get("num_hidden_layers", "-"),
+            f"{r['num_parameters'] / 1e9:.2f}B" if r.get("num_parameters", 0) >= 1e8
+            else (f"{r['num_parameters']:,}" if "num_parameters" in r else "-"),
+            human_bytes(r["disk_bytes"]) if r.get("disk_bytes") else "-",
+            human_bytes(r["train_memory_bytes"]) if r.get("train_memory_bytes") else "-",
+            "done" if r["done"] else "to run",
+        ])
+    print(format_table(["stage", "type", "inputs", "layers", "params", "disk", "train memory", "status"], table))
+    launch = recipe.raw.get("launch")
+    if any(r.get("train_memory_bytes", 0) > 40e9 for r in rows):
+        print("\ntraining stages need more than one GPU's memory: run the recipe under accelerate, e.g.\n"
+              "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m upstack.cli run "
+              f"{recipe.path}\n(multi-node: add --num_machines N --machine_rank R --main_process_ip HOST; "
+              "see docs/training.md)")
+    elif launch:
+        print(f"\nlaunch: {launch}")
+
+
+def run_run(args) -> int:
+    from upstack.pipeline import load_recipe, plan_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.out, profile=args.profile)
+    if args.dry_run:
+        _print_plan(recipe, plan_recipe(recipe), args.json)
+        return 0
+    summary = run_recipe(recipe, from_stage=args.from_stage, only=args.only, quiet=args.quiet,
+                         log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"done: {recipe.run_dir / 'report.md'}")
+    return 0
+
+
+def run_demo(args) -> int:
+    from upstack.pipeline import load_recipe, run_recipe
+
+    name = "tiny-solar"
+    out = args.out or f"runs/{name}{'-quick' if args.quick else ''}"
+    recipe = load_recipe(builtin_recipe(f"{name}.yaml"), out, profile="quick" if args.quick else None)
+    summary = run_recipe(recipe, from_stage=args.from_stage, quiet=args.quiet,
+                         log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"done: {recipe.run_dir / 'report.md'} (and results.json beside it)")
+    return 0
+
+
+def run_report(args) -> int:
+    from upstack.errors import UpstackError
+    from upstack.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UpstackError(f"{run_dir}: no such run folder")
+    print(write_report(run_dir))
+    return 0

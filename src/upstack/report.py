@@ -1,0 +1,209 @@
+"""A run folder's results -> report.md (tables) + PNG training curves + results.json (every model's metrics)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+MARKER = "upstack_stage.json"
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_metrics(folder: Path) -> list[dict]:
+    rows = []
+    f = folder / "metrics.jsonl"
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _flat_scores(results: dict) -> dict[str, float]:
+    """{task/metric: value} from an eval results file (skips stderr entries)."""
+    out: dict[str, float] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        if not isinstance(metrics, dict):
+            continue
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k:
+                out[f"{task}/{k}"] = float(v)
+    for k in ("h6", "perplexity"):
+        v = results.get(k)
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+        elif isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, (int, float)) and not isinstance(vv, bool):
+                    out[f"{k}/{kk}"] = float(vv)
+    return out
+
+
+def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
+    """Everything the report shows, as one JSON-able dict (also written as results.json)."""
+    run_dir = Path(run_dir)
+    stages = {}
+    names = stage_order or sorted(p.name for p in run_dir.iterdir() if (p / MARKER).is_file())
+    for name in names:
+        marker = _read_json(run_dir / name / MARKER)
+        if marker is None:
+            continue
+        stages[name] = marker
+    models: dict[str, dict] = {}
+    for name, m in stages.items():
+        if m["type"] == "eval":
+            res = _read_json(run_dir / name / "results.json") or {}
+            model_stage = Path(str(m["config"].get("model", name))).name
+            models.setdefault(model_stage, {}).update(_flat_scores(res))
+        if m["type"] == "contamination":
+            res = _read_json(run_dir / name / "contamination.json") or {}
+            model_stage = Path(str(m["config"].get("model", name))).name
+            for k, v in (res.get("results") or {}).items():
+                val = v.get("result") if isinstance(v, dict) else v
+                if isinstance(val, (int, float)):
+                    models.setdefault(model_stage, {})[f"contamination/{k}"] = float(val)
+    curves = {name: _read_metrics(run_dir / name) for name, m in stages.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    layer_map = None
+    for name, m in stages.items():
+        if m["type"] == "upscale":
+            prov = _read_json(run_dir / name / "upstack.json") or {}
+            layer_map = {"stage": name, **(prov.get("upscale") or {})}
+    return {"run_dir": str(run_dir), "stages": {k: {"type": v["type"], "seconds": v.get("seconds"),
+                                                    "finished": v.get("finished"), "result": v.get("result")}
+                                                for k, v in stages.items()},
+            "models": models, "layer_map": layer_map,
+            "final_metrics": {k: _final(v) for k, v in curves.items()}}
+
+
+def _final(rows: list[dict]) -> dict:
+    out: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out[k] = v
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _plot(run_dir: Path, curves: dict[str, list[dict]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    panels = [("loss", "training loss"), ("eval_loss", "held-out loss"), ("rewards/margins", "DPO reward margin"),
+              ("reward_margin", "DPO reward margin"), ("rewards/accuracies", "DPO reward accuracy"),
+              ("reward_accuracy", "DPO reward accuracy")]
+    seen_titles = set()
+    for key, title in panels:
+        series = {s: [(r.get("step"), r[key]) for r in rows if key in r and r.get("step") is not None]
+                  for s, rows in curves.items()}
+        series = {s: v for s, v in series.items() if v}
+        if not series or title in seen_titles:
+            continue
+        seen_titles.add(title)
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for s, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=s, marker="." if len(pts) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fname = f"plot_{key.replace('/', '_')}.png"
+        fig.savefig(run_dir / fname, dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+def write_report(run_dir: str | Path, recipe=None) -> Path:
+    run_dir = Path(run_dir)
+    order = list(recipe.stages) if recipe is not None else None
+    data = collect(run_dir, order)
+    curves = {name: _read_metrics(run_dir / name) for name in data["stages"]}
+    curves = {k: v for k, v in curves.items() if v}
+    plots = _plot(run_dir, curves) if curves else []
+    lines = [f"# upstack run: {run_dir.name}", ""]
+    if recipe is not None:
+        lines += [f"Recipe: `{recipe.path}`", ""]
+        desc = recipe.raw.get("description")
+        if desc:
+            lines += [str(desc).strip(), ""]
+    # Scores by model (stage order)
+    models = data["models"]
+    if models:
+        metrics = sorted({k for m in models.values() for k in m})
+        lines += ["## Scores by stage", "", "| model | " + " | ".join(metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        for model, vals in models.items():
+            lines.append(f"| {model} | " + " | ".join(_fmt(vals.get(k)) for k in metrics) + " |")
+        lines.append("")
+    for comp in ((recipe.raw.get("report") or {}).get("comparisons", []) if recipe is not None else []):
+        title, cmodels = comp.get("title", "comparison"), comp.get("models", [])
+        metrics = sorted({k for m in cmodels for k in models.get(m, {})})
+        if not metrics:
+            continue
+        lines += [f"## {title}", ""]
+        if comp.get("note"):
+            lines += [str(comp["note"]).strip(), ""]
+        lines += ["| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for m in cmodels:
+            lines.append(f"| {m} | " + " | ".join(_fmt(models.get(m, {}).get(k)) for k in metrics) + " |")
+        lines.append("")
+    if data["final_metrics"]:
+        keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margins", "rewards/accuracies", "reward_margin",
+                "reward_accuracy", "tokens_per_s", "step"]
+        present = [k for k in keys if any(k in v for v in data["final_metrics"].values())]
+        lines += ["## Training (last logged values)", "", "| stage | " + " | ".join(present) + " |",
+                  "|---|" + "---|" * len(present)]
+        for s, v in data["final_metrics"].items():
+            lines.append(f"| {s} | " + " | ".join(_fmt(v.get(k)) for k in present) + " |")
+        lines.append("")
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+    lm = data["layer_map"]
+    if lm and lm.get("layer_map"):
+        from upstack.upscale import compress_ranges
+
+        lmap = lm["layer_map"]
+        lines += ["## Layer map of the up-scaled model", "",
+                  f"Stage `{lm['stage']}` ({lm.get('method')}): {lm.get('source_num_hidden_layers')} -> {len(lmap)} layers.",
+                  "", "| output layers | source layers |", "|---|---|"]
+        start = 0
+        for k in range(1, len(lmap) + 1):
+            if k == len(lmap) or lmap[k] != lmap[k - 1] + 1:
+                lines.append(f"| {start}-{k - 1} | {lmap[start]}-{lmap[k - 1]} |")
+                start = k
+        if lm.get("new_layers"):
+            lines.append(f"\nZero-initialised blocks: {compress_ranges(lm['new_layers'])}")
+        lines.append("")
+    lines += ["## Timings", "", "| stage | type | seconds | finished |", "|---|---|---|---|"]
+    total = 0.0
+    for s, v in data["stages"].items():
+        total += v.get("seconds") or 0
+        lines.append(f"| {s} | {v['type']} | {_fmt(v.get('seconds'))} | {v.get('finished') or '-'} |")
+    lines += [f"| total | | {total:.1f} | |", ""]
+    (run_dir / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
