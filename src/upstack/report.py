@@ -73,15 +73,15 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
                     models.setdefault(model_stage, {})[f"contamination/{k}"] = float(val)
     curves = {name: _read_metrics(run_dir / name) for name, m in stages.items()}
     curves = {k: v for k, v in curves.items() if v}
-    layer_map = None
+    layer_maps = []
     for name, m in stages.items():
         if m["type"] == "upscale":
             prov = _read_json(run_dir / name / "upstack.json") or {}
-            layer_map = {"stage": name, **(prov.get("upscale") or {})}
+            layer_maps.append({"stage": name, **(prov.get("upscale") or {})})
     return {"run_dir": str(run_dir), "stages": {k: {"type": v["type"], "seconds": v.get("seconds"),
                                                     "finished": v.get("finished"), "result": v.get("result")}
                                                 for k, v in stages.items()},
-            "models": models, "layer_map": layer_map,
+            "models": models, "layer_maps": layer_maps,
             "final_metrics": {k: _final(v) for k, v in curves.items()}}
 
 
@@ -181,12 +181,13 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
         lines.append("")
     for p in plots:
         lines += [f"![{p}]({p})", ""]
-    lm = data["layer_map"]
-    if lm and lm.get("layer_map"):
+    for lm in data["layer_maps"]:
+        if not lm.get("layer_map"):
+            continue
         from upstack.upscale import compress_ranges
 
         lmap = lm["layer_map"]
-        lines += ["## Layer map of the up-scaled model", "",
+        lines += [f"## Layer map of the up-scaled model `{lm['stage']}`", "",
                   f"Stage `{lm['stage']}` ({lm.get('method')}): {lm.get('source_num_hidden_layers')} -> {len(lmap)} layers.",
                   "", "| output layers | source layers |", "|---|---|"]
         start = 0
