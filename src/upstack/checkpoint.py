@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -182,6 +183,28 @@ class Checkpoint:
         for t in self.tensors.values():
             counts[t.dtype] = counts.get(t.dtype, 0) + 1
         return counts
+
+
+def resolve_model_dir(source: str | Path) -> Path:
+    """A local checkpoint folder for `source`: the folder itself, or a hub id fetched into the HF cache.
+
+    Hub ids (owner/name that is not a local path) are downloaded with huggingface_hub when online;
+    offline, a clear error says so.
+    """
+    p = Path(source).expanduser()
+    if p.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.tiktoken", "*.txt"]))
+    except Exception as e:  # offline, gated, missing: all become one message
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "the machine is offline (HF_HUB_OFFLINE=1)" if offline else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{source}: not a local folder, and fetching it from the Hugging Face hub failed "
+                              f"({why}); download it first (huggingface-cli download {source} --local-dir DIR) "
+                              "and pass the folder") from None
 
 
 def read_config(folder: str | Path) -> dict:

@@ -512,7 +512,12 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
     summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
+    sizes: dict[str, dict] = {}
     for st in recipe.stages.values():
+        try:
+            sizes[st.name] = estimate_stage(st, recipe, sizes) if STAGE_TYPES[st.type].checkpoint else {}
+        except Exception:  # an estimate is best effort; the stage itself validates its inputs
+            sizes[st.name] = {}
         if only and st.name != only:
             continue
         if st.name not in force and stage_done(st, recipe):
@@ -520,6 +525,7 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
             summary["stages"][st.name] = "skipped"
             continue
         log(f"[{st.name}] running {st.type} -> {st.folder}")
+        _check_disk(st, sizes[st.name].get("disk_bytes"))
         _run_stage(st, recipe, quiet)
         summary["stages"][st.name] = "ran"
         if report:

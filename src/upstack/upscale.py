@@ -16,7 +16,7 @@ from upstack import __version__
 from upstack.arch import ArchSpec, get_arch, layer_name, num_layers, remap_config, split_layer_name
 from upstack.checkpoint import (
     DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, load_tensor, normalize_dtype,
-    open_checkpoint, tensor_to_bytes, write_checkpoint,
+    open_checkpoint, resolve_model_dir, tensor_to_bytes, write_checkpoint,
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError, OutputExistsError, UpstackError
@@ -256,7 +256,7 @@ def upscale(cfg: UpscaleConfig) -> dict:
         raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
     shard_size = parse_bytes(cfg.shard_size, "--shard-size")
     dtype = normalize_dtype(cfg.dtype) if cfg.dtype else None
-    ckpt = open_checkpoint(cfg.source, allow_pickle=cfg.allow_pickle, weights_required=not cfg.dry_run)
+    ckpt = open_checkpoint(resolve_model_dir(cfg.source), allow_pickle=cfg.allow_pickle, weights_required=not cfg.dry_run)
     arch = get_arch(ckpt.config, cfg.allow_unknown_arch)
     n = num_layers(ckpt.config, arch)
     if cfg.method not in METHODS and not cfg.layers:

@@ -29,6 +29,7 @@ from typing import Literal
 from upstack.errors import ConfigError
 
 SCHEMA_VERSION = 1
+MIN_TOKENIZER_VOCAB = 300
 
 # --------------------------------------------------------------------------------------------------
 # Sizes
@@ -512,6 +513,9 @@ def generate_world(out_dir: str | Path, seed: int = 0, scale: str = "default", *
     """
     from upstack.checkpoint import atomic_output_dir
 
+    if tokenizer_vocab_size is not None and tokenizer_vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ConfigError(f"tokenizer_vocab_size: {tokenizer_vocab_size} is too small for a byte-level BPE "
+                          f"(256 byte tokens + 4 special tokens + merges; use >= {MIN_TOKENIZER_VOCAB})")
     rows = build_world(seed, scale)
     splits = rows.pop("_splits")[0]
     disjoint = check_disjoint(rows)
@@ -556,8 +560,5 @@ class SynthDataConfig:
 
 
 def run_synth_data(cfg: SynthDataConfig) -> dict:
-    if cfg.tokenizer_vocab_size is not None and cfg.tokenizer_vocab_size < 300:
-        raise ConfigError(f"tokenizer_vocab_size: {cfg.tokenizer_vocab_size} is too small "
-                          "(a byte-level BPE needs 256 byte tokens + 4 special tokens + merges; use >= 300)")
     return generate_world(cfg.out, cfg.seed, cfg.scale, overwrite=cfg.overwrite,
                           tokenizer_vocab_size=cfg.tokenizer_vocab_size)
