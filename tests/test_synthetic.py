@@ -14,7 +14,22 @@ from upstack.data import synthetic
 from upstack.data.synthetic import ATTRIBUTES, QUESTIONS, generate_world, ngram_overlap
 
 FILES = ["pretrain.jsonl", "sft_math.jsonl", "sft_facts.jsonl", "dpo_math.jsonl", "eval/gsm8k/test.jsonl",
-         "eval/arc_challenge/test.jsonl", "eval/dpo_heldout.jsonl", "eval/heldout.txt"]
+         "eval/arc_challenge/test.jsonl", "eval/dpo_heldout.jsonl", "eval/heldout.txt",
+         "eval/preference/test.jsonl"]
+
+
+def test_preference_task_mirrors_heldout_pairs(world):
+    out, _ = world
+    pairs = _jsonl(out / "eval" / "dpo_heldout.jsonl")
+    items = _jsonl(out / "eval" / "preference" / "test.jsonl")
+    assert len(items) == len(pairs)
+    keys = [it["answerKey"] for it in items]
+    assert 0 < keys.count("A") < len(keys)  # the chosen answer is not always first
+    for pair, it in zip(pairs, items):
+        choices = {c["label"]: c["text"] for c in it["question"]["choices"]}
+        assert it["question"]["stem"] == pair["prompt"]
+        assert choices[it["answerKey"]] == pair["chosen"]
+        assert choices["B" if it["answerKey"] == "A" else "A"] == pair["rejected"]
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -154,19 +154,24 @@ def _resolve(value: Any, folders: dict[str, Path]) -> Any:
 
 
 def _expand_evaluate(raw: dict, stages: dict, errors: list[str], lines: dict) -> None:
-    ev = raw.get("evaluate")
-    if ev is None:
+    """`evaluate:` (a block or a list of blocks) -> one eval stage per model: <block name>_<model>."""
+    blocks = raw.get("evaluate")
+    if blocks is None:
         return
-    if not isinstance(ev, dict) or not isinstance(ev.get("models"), list):
-        errors.append(f"line {lines.get(('evaluate',), '?')}: evaluate: needs a 'models' list and eval options")
-        return
-    opts = {k: v for k, v in ev.items() if k != "models"}
-    for model in ev["models"]:
-        name = f"eval_{model}"
-        if name in stages:
-            errors.append(f"line {lines.get(('evaluate',), '?')}: evaluate: stage {name!r} is also defined")
+    blocks = blocks if isinstance(blocks, list) else [blocks]
+    for k, ev in enumerate(blocks):
+        line = lines.get(("evaluate", k) if isinstance(raw.get("evaluate"), list) else ("evaluate",), "?")
+        if not isinstance(ev, dict) or not isinstance(ev.get("models"), list):
+            errors.append(f"line {line}: evaluate: each block needs a 'models' list and eval options")
             continue
-        stages[name] = {"type": "eval", "model": model, **opts, "_line": lines.get(("evaluate",))}
+        prefix = ev.get("name", "eval")
+        opts = {key: v for key, v in ev.items() if key not in ("models", "name")}
+        for model in ev["models"]:
+            name = f"{prefix}_{model}"
+            if name in stages:
+                errors.append(f"line {line}: evaluate: stage {name!r} is defined twice")
+                continue
+            stages[name] = {"type": "eval", "model": model, **opts, "_line": line}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -390,16 +395,19 @@ def estimate_stage(st: Stage, recipe: Recipe, sizes: dict[str, dict]) -> dict:
             model = model.get("model")
         dep = next((d for d in st.deps if model and str(recipe.stages[d].folder) == str(model)), None)
         if dep and dep in sizes:
-            info.update({k: sizes[dep][k] for k in ("num_parameters", "config", "disk_bytes", "num_hidden_layers")
-                         if k in sizes[dep]})
-        if st.type not in ("eval", "contamination", "synth-math") and "num_parameters" in info:
-            info["disk_bytes"] = info["num_parameters"] * 2 if info.get("dtype_bytes") is None else info["disk_bytes"]
+            keys = ("num_parameters", "config", "num_hidden_layers")
+            if st.type in ("pretrain", "sft", "dpo", "merge"):  # saved in the input's dtype
+                keys += ("disk_bytes",)
+            info.update({k: sizes[dep][k] for k in keys if k in sizes[dep]})
         if "num_parameters" in info and st.type in ("pretrain", "sft", "dpo"):
             p = info["num_parameters"]
             # bf16 weights + fp32 grads + AdamW fp32 moments + fp32 master copy ~ 18 bytes/param (plus activations);
             # DPO keeps a frozen reference in bf16 unless reference log-probs are precomputed.
-            mem = p * 18 + (p * 2 if st.type == "dpo" and not opts.get("precompute_ref_logps") else 0)
+            mem = p * 18 + (p * 2 if st.type == "dpo" and not opts.get("precompute_ref", True) else 0)
             info["train_memory_bytes"] = mem
+        elif "num_parameters" in info and st.type in ("eval", "contamination"):
+            # bf16 weights for inference (contamination also holds the reference model)
+            info["inference_memory_bytes"] = info["num_parameters"] * 2 * (2 if st.type == "contamination" else 1)
     elif st.type == "base":
         cfg = _base_config_dict(opts)
         if cfg is not None:

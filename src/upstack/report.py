@@ -37,14 +37,14 @@ def _flat_scores(results: dict) -> dict[str, float]:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k:
                 out[f"{task}/{k}"] = float(v)
-    for k in ("h6", "perplexity"):
-        v = results.get(k)
-        if isinstance(v, (int, float)):
-            out[k] = float(v)
-        elif isinstance(v, dict):
-            for kk, vv in v.items():
-                if isinstance(vv, (int, float)) and not isinstance(vv, bool):
-                    out[f"{k}/{kk}"] = float(vv)
+    h6 = results.get("h6")
+    if isinstance(h6, (int, float)) and not isinstance(h6, bool):
+        out["h6"] = float(h6)
+    elif isinstance(h6, dict) and isinstance(h6.get("score"), (int, float)):
+        out["h6"] = float(h6["score"])
+    for path, v in (results.get("perplexity") or {}).items():
+        if isinstance(v, dict) and isinstance(v.get("perplexity"), (int, float)):
+            out[f"perplexity/{Path(path).name}"] = float(v["perplexity"])
     return out
 
 
@@ -63,11 +63,14 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
         if m["type"] == "eval":
             res = _read_json(run_dir / name / "results.json") or {}
             model_stage = Path(str(m["config"].get("model", name))).name
-            models.setdefault(model_stage, {}).update(_flat_scores(res))
+            block = name[: -len(model_stage) - 1] if name.endswith(f"_{model_stage}") else "eval"
+            prefix = "" if block == "eval" else f"{block}:"
+            models.setdefault(model_stage, {}).update(
+                {prefix + k: v for k, v in _flat_scores(res).items()})
         if m["type"] == "contamination":
             res = _read_json(run_dir / name / "contamination.json") or {}
             model_stage = Path(str(m["config"].get("model", name))).name
-            for k, v in (res.get("results") or {}).items():
+            for k, v in (res.get("benchmarks") or res.get("results") or {}).items():
                 val = v.get("result") if isinstance(v, dict) else v
                 if isinstance(val, (int, float)):
                     models.setdefault(model_stage, {})[f"contamination/{k}"] = float(val)

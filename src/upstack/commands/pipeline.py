@@ -78,11 +78,15 @@ def _print_plan(recipe, rows, as_json: bool) -> None:
             f"{r['num_parameters'] / 1e9:.2f}B" if r.get("num_parameters", 0) >= 1e8
             else (f"{r['num_parameters']:,}" if "num_parameters" in r else "-"),
             human_bytes(r["disk_bytes"]) if r.get("disk_bytes") else "-",
-            human_bytes(r["train_memory_bytes"]) if r.get("train_memory_bytes") else "-",
+            human_bytes(r["train_memory_bytes"]) if r.get("train_memory_bytes")
+            else (human_bytes(r["inference_memory_bytes"]) if r.get("inference_memory_bytes") else "-"),
             "done" if r["done"] else "to run",
         ])
-    print(format_table(["stage", "type", "inputs", "layers", "params", "disk", "train memory", "status"], table))
+    print(format_table(["stage", "type", "inputs", "layers", "params", "disk", "GPU memory", "status"], table))
     launch = recipe.raw.get("launch")
+    print("\nGPU memory: training state (bf16 weights, fp32 grads + AdamW, ~18 B/param; + the reference for "
+          "DPO unless precomputed), to divide over the GPUs with FSDP/ZeRO-3, plus activations; inference: bf16 "
+          "weights (contamination holds two models).")
     if any(r.get("train_memory_bytes", 0) > 40e9 for r in rows):
         print("\ntraining stages need more than one GPU's memory: run the recipe under accelerate, e.g.\n"
               "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m upstack.cli run "

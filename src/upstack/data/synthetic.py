@@ -423,6 +423,16 @@ def build_world(seed: int = 0, scale: str = "default") -> dict[str, list]:
     rows["eval/dpo_heldout.jsonl"] = [
         {"prompt": p.question(), "chosen": p.answer(), "rejected": _rejected_answer(rng, p)} for p in eval_dpo]
     rows["eval/heldout.txt"] = _documents(rng, heldout_people, heldout_triples, size.heldout_docs)
+    # The held-out pairs again as a two-choice ARC-format task: "preference accuracy" (does the model
+    # give the chosen answer a higher log-likelihood than the rejected one?) through `upstack eval`.
+    pref_rng = random.Random(f"upstack-preference-{seed}")
+    pref = []
+    for i, r in enumerate(rows["eval/dpo_heldout.jsonl"]):
+        first = pref_rng.random() < 0.5
+        texts = [r["chosen"], r["rejected"]] if first else [r["rejected"], r["chosen"]]
+        pref.append({"id": f"pref-{i}", "question": {"stem": r["prompt"], "choices": [
+            {"text": t, "label": lab} for t, lab in zip(texts, "AB")]}, "answerKey": "A" if first else "B"})
+    rows["eval/preference/test.jsonl"] = pref
 
     rows["_splits"] = [{
         "fact_train_people": len(fact_train), "fact_eval_people": len(fact_eval),
