@@ -502,9 +502,30 @@ def plan_recipe(recipe: Recipe) -> list[dict]:
     return rows
 
 
+# Stages that run on every process under `accelerate launch` (they shard work themselves); the others run
+# on the main process while the rest wait.
+DISTRIBUTED_STAGES = {"base", "pretrain", "sft", "dpo", "eval"}
+
+
+def _process_state():
+    """accelerate's process state when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
                quiet: bool = False, report: bool = True, log=print) -> dict:
-    """Run every stage not already done (same resolved config and inputs); write report.md after each."""
+    """Run every stage not already done (same resolved config and inputs); write report.md after each.
+
+    Under `accelerate launch` (WORLD_SIZE > 1) every process runs this loop: training and eval stages
+    run on all processes, the others on the main process only, with a barrier after each stage; only
+    the main process writes markers and reports (the run folder must be on a shared file system).
+    """
+    state = _process_state()
+    main = state is None or state.is_main_process
     names = list(recipe.stages)
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in recipe.stages:
@@ -518,7 +539,8 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
             if not (recipe.stages[dep].folder / MARKER).is_file():
                 raise UpstackError(f"--only {only}: its input stage {dep!r} has not completed; run it first")
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
+    if main:
+        (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
     summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
     sizes: dict[str, dict] = {}
     for st in recipe.stages.values():
@@ -533,15 +555,22 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
             summary["stages"][st.name] = "skipped"
             continue
         log(f"[{st.name}] running {st.type} -> {st.folder}")
-        _check_disk(st, sizes[st.name].get("disk_bytes"))
-        _run_stage(st, recipe, quiet)
+        if state is None:
+            _check_disk(st, sizes[st.name].get("disk_bytes"))
+            _run_stage(st, recipe, quiet)
+        else:
+            if main:
+                _check_disk(st, sizes[st.name].get("disk_bytes"))
+            if main or st.type in DISTRIBUTED_STAGES:
+                _run_stage(st, recipe, quiet, write_marker=main)
+            state.wait_for_everyone()
         summary["stages"][st.name] = "ran"
-        if report:
+        if report and main:
             _write_report(recipe)
     return summary
 
 
-def _run_stage(st: Stage, recipe: Recipe, quiet: bool) -> None:
+def _run_stage(st: Stage, recipe: Recipe, quiet: bool, write_marker: bool = True) -> None:
     stype = STAGE_TYPES[st.type]
     cls = _load(stype.config)
     fn = _load(stype.target)
@@ -550,7 +579,7 @@ def _run_stage(st: Stage, recipe: Recipe, quiet: bool) -> None:
         resolved["quiet"] = True
     cfg = config_from_dict(cls, resolved, where=f"stage {st.name!r}")
     marker = st.folder / MARKER
-    if marker.exists():
+    if write_marker and marker.exists():
         marker.unlink()
     if stype.output_file:
         st.folder.mkdir(parents=True, exist_ok=True)
@@ -558,6 +587,8 @@ def _run_stage(st: Stage, recipe: Recipe, quiet: bool) -> None:
     started = time.time()
     result = fn(cfg)
     seconds = time.time() - started
+    if not write_marker:
+        return
     st.folder.mkdir(parents=True, exist_ok=True)
     record = {
         "stage": st.name, "type": st.type, "fingerprint": fingerprint, "config": config_to_dict(cfg),
