@@ -15,7 +15,7 @@ from upstack.data.synthetic import ATTRIBUTES, QUESTIONS, generate_world, ngram_
 
 FILES = ["pretrain.jsonl", "sft_math.jsonl", "sft_facts.jsonl", "dpo_math.jsonl", "eval/gsm8k/test.jsonl",
          "eval/arc_challenge/test.jsonl", "eval/dpo_heldout.jsonl", "eval/heldout.txt",
-         "eval/preference/test.jsonl"]
+         "eval/preference/test.jsonl", "eval/math_heldout.jsonl"]
 
 
 def test_preference_task_mirrors_heldout_pairs(world):

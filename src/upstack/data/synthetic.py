@@ -423,6 +423,8 @@ def build_world(seed: int = 0, scale: str = "default") -> dict[str, list]:
     rows["eval/dpo_heldout.jsonl"] = [
         {"prompt": p.question(), "chosen": p.answer(), "rejected": _rejected_answer(rng, p)} for p in eval_dpo]
     rows["eval/heldout.txt"] = _documents(rng, heldout_people, heldout_triples, size.heldout_docs)
+    # Held-out worked answers as text, for perplexity: how well a model predicts the answer style it is taught.
+    rows["eval/math_heldout.jsonl"] = [{"text": p.question() + "\n" + p.answer()} for p in eval_math]
     # The held-out pairs again as a two-choice ARC-format task: "preference accuracy" (does the model
     # give the chosen answer a higher log-likelihood than the rejected one?) through `upstack eval`.
     pref_rng = random.Random(f"upstack-preference-{seed}")

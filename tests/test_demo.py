@@ -1,0 +1,61 @@
+"""The built-in demo end to end (`upstack demo --quick`): every stage's output loads, and the effects that
+are robust at this scale show up in the run's own numbers."""
+
+import json
+
+import pytest
+import torch
+
+from upstack.cli import main
+
+CHECKPOINT_STAGES = ["base", "upscale", "pretrain", "base_more", "sft_math", "sft_nomath", "dpo", "merge_avg",
+                     "merge_slerp"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_demo_quick_outputs_load(demo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_layers = json.loads((demo_run / "base" / "config.json").read_text())["num_hidden_layers"]
+    for stage in CHECKPOINT_STAGES:
+        folder = demo_run / stage
+        assert (folder / "upstack_stage.json").is_file(), stage
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok("Question: what is 2 plus 3?", return_tensors="pt").input_ids
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=ids).logits).all(), stage
+        expected = base_layers if stage in ("base", "base_more") else 2 * (base_layers - 2)
+        assert model.config.num_hidden_layers == expected, stage
+    assert main(["verify", str(demo_run / "merge_slerp")]) == 0
+    assert (demo_run / "report.md").is_file()
+    for png in ("plot_loss.png", "plot_eval_loss.png"):
+        assert (demo_run / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_demo_quick_metrics_move(demo_run):
+    results = json.loads((demo_run / "results.json").read_text())
+    models = results["models"]
+    assert set(CHECKPOINT_STAGES) <= set(models)
+    for m in CHECKPOINT_STAGES:
+        assert 0.0 <= models[m]["arc_challenge_local/acc"] <= 1.0
+        assert 0.0 <= models[m]["gsm8k_local/exact_match,strict-match"] <= 1.0
+    # SFT on the math set beats the base on its instruction task: it predicts held-out worked answers far better.
+    assert models["sft_math"]["perplexity/math_heldout.jsonl"] < 0.8 * models["base"]["perplexity/math_heldout.jsonl"]
+    # DPO raises preference accuracy on held-out pairs (chosen vs rejected log-likelihood).
+    assert models["dpo"]["pref:arc_challenge_local/acc"] > models["sft_math"]["pref:arc_challenge_local/acc"]
+    # Training curves went down.
+    for stage in ("base", "sft_math"):
+        losses = [json.loads(line)["loss"] for line in (demo_run / stage / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in line and '"type": "train"' in line]
+        assert losses[-1] < losses[0], stage
+    report = (demo_run / "report.md").read_text()
+    assert "Depth up-scaling at equal extra training tokens" in report and "| 6-11 | 2-7 |" in report
