@@ -38,6 +38,9 @@ def build_tiny_model(path: str | Path, model_type: str = "llama", *, seed: int =
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    tok = build_tiny_tokenizer(path, vocab_size=config_kwargs.get("vocab_size", 256)) if tokenizer else None
+    if tok is not None:  # the byte-level BPE has at least 256 bytes + 4 specials: the model must cover them
+        config_kwargs["vocab_size"] = max(config_kwargs.get("vocab_size", 256), len(tok))
     cfg = tiny_config(model_type, **config_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -48,8 +51,6 @@ def build_tiny_model(path: str | Path, model_type: str = "llama", *, seed: int =
     model = model.to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    if tokenizer:
-        build_tiny_tokenizer(path, vocab_size=cfg.vocab_size)
     return path
 
 

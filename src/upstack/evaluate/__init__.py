@@ -1,0 +1,13 @@
+"""Evaluation: lm-evaluation-harness bridge (H6 and local tasks), perplexity, contamination test.
+
+    from upstack.evaluate import EvalConfig, evaluate, perplexity, ContaminationConfig, contamination
+
+Nothing here imports torch, transformers or lm_eval at import time.
+"""
+
+from upstack.evaluate.contamination import ContaminationConfig, contamination
+from upstack.evaluate.harness import H6, EvalConfig, compare, evaluate, h6_score, markdown_table
+from upstack.evaluate.perplexity import perplexity
+
+__all__ = ["EvalConfig", "evaluate", "compare", "markdown_table", "h6_score", "H6", "perplexity",
+           "ContaminationConfig", "contamination"]
