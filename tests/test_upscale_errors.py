@@ -82,9 +82,9 @@ def test_index_names_missing_file(tmp_path, capsys, sharded):
     idx = sharded / "model.safetensors.index.json"
     index = json.loads(idx.read_text())
     first = next(iter(index["weight_map"]))
-    index["weight_map"][first] = "model-00009-of-00009.safetensors"
+    index["weight_map"][first] = "model-00042-of-00042.safetensors"
     idx.write_text(json.dumps(index))
-    run_err(capsys, ["upscale", str(sharded), str(tmp_path / "out")], "model-00009-of-00009.safetensors", "missing")
+    run_err(capsys, ["upscale", str(sharded), str(tmp_path / "out")], "model-00042-of-00042.safetensors", "missing")
 
 
 def test_tensor_missing_from_index(tmp_path, capsys, sharded):
