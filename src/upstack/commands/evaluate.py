@@ -224,7 +224,7 @@ def run_eval(args) -> int:
         device=args.device, backend=args.backend, model_args=_model_args(args.model_args), dtype=args.dtype,
         max_length=args.max_length, max_gen_toks=args.max_gen_toks, apply_chat_template=args.apply_chat_template,
         seed=args.seed, perplexity=args.perplexity or [], text_field=args.text_field, stride=args.stride,
-        output=args.output,
+        output=args.output, quiet=args.quiet,
     )
     _quiet_harness(args.debug)
     out = evaluate(cfg)

@@ -109,6 +109,7 @@ class EvalConfig:
     text_field: str = "text"
     stride: int | None = None
     output: str | None = None  # results JSON (a markdown table is written next to it, .md)
+    quiet: bool = False  # no progress bars or info logs from lm-eval
 
 
 # ------------------------------------------------------------------------------------ task names
@@ -661,8 +662,33 @@ def evaluate(cfg: EvalConfig) -> dict:
     return out
 
 
+def _silence_lm_eval() -> None:
+    """lm-eval passes `disable=` to tqdm explicitly (so TQDM_DISABLE is ignored) and shells out to git for
+    a commit hash (printing git's complaint outside a repository): turn both off for --quiet."""
+    import logging
+
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface as hf_mod
+    from tqdm import tqdm as _tqdm
+
+    def quiet_tqdm(*args, **kwargs):
+        kwargs["disable"] = True
+        return _tqdm(*args, **kwargs)
+
+    for mod in (hf_mod, lm_eval.evaluator, lm_eval.api.model, lm_eval.api.task):
+        if hasattr(mod, "tqdm"):
+            mod.tqdm = quiet_tqdm
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
 def _run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
     import lm_eval
+
+    if cfg.quiet:
+        _silence_lm_eval()
 
     gen_kwargs = None
     if any(t.get_config("output_type") == "generate_until" for t in _leaf_tasks(top)):
