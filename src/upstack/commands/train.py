@@ -1,0 +1,120 @@
+"""`upstack pretrain | sft | dpo`: the training stages (see docs/training.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ORDER = 20
+
+_STAGES = {
+    "pretrain": ("upstack.train.pretrain", "PretrainConfig", "pretrain",
+                 "continued pretraining on raw text packed into fixed-length blocks"),
+    "sft": ("upstack.train.sft", "SFTConfig", "sft", "instruction tuning with the loss on responses only"),
+    "dpo": ("upstack.train.dpo", "DPOConfig", "dpo", "Direct Preference Optimization against a frozen reference"),
+}
+
+
+def register(subparsers, common) -> None:
+    for name, (_, _, _, help_text) in _STAGES.items():
+        p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text + " (docs/training.md)")
+        _add_common(p, name)
+        if name == "pretrain":
+            p.add_argument("--seq-len", "--max-length", dest="max_length", type=int,
+                           help="block length in tokens (default 2048)")
+            p.add_argument("--eval-fraction", type=float, help="share of blocks held out for eval (default 0.01)")
+        else:
+            p.add_argument("--max-length", type=int, help="longer sequences are truncated, and counted "
+                           f"(default {2048 if name == 'sft' else 1024})")
+            p.add_argument("--eval-fraction", type=float, help="share of rows held out for eval (default 0)")
+            p.add_argument("--template", choices=["auto", "chat", "alpaca"],
+                           help="auto (default): the tokenizer's chat template, else alpaca; chat: the tokenizer's; "
+                                "alpaca: '### User: / ### Assistant:' as SOLAR used")
+        if name == "sft":
+            p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                           help="pack several examples per row (default: on where attention stops at example "
+                                "boundaries, else off)")
+        if name == "dpo":
+            p.add_argument("--beta", type=float, help="strength of the pull towards the reference (default 0.1)")
+            p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], help="default sigmoid (DPO)")
+            p.add_argument("--label-smoothing", type=float, help="sigmoid loss: share of flipped labels (default 0)")
+            p.add_argument("--ref-model", metavar="DIR", help="reference model (default: MODEL itself)")
+            p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=None,
+                           help="score the reference once before training and free it (default: on)")
+        p.set_defaults(func=_run, stage=name)
+
+
+def _add_common(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("model", metavar="MODEL", help="input checkpoint folder (Hugging Face format)")
+    p.add_argument("--data", nargs="+", action="extend", required=True, metavar="SPEC",
+                   help="data sources: PATH[:format=...,samples=N,weight=W,seed=S,filter=...] (docs/data.md)")
+    p.add_argument("--eval-data", nargs="+", action="extend", metavar="SPEC", help="held-out data sources")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float,
+                   help={"pretrain": "default 1e-4", "sft": "default 2e-5", "dpo": "default 5e-7"}[name])
+    p.add_argument("--lr-scheduler", choices=["cosine", "linear", "constant"], help="after warmup (default cosine)")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--warmup-ratio", type=float, help="warmup as a share of the steps (when --warmup-steps is 0)")
+    p.add_argument("--min-lr-ratio", type=float, help="final learning rate as a share of --lr (default 0)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
+    p.add_argument("--batch-size", type=int, help="per process and micro-batch (default 8)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "bf16-mixed"],
+                   help="fp32 (default); bf16: bf16 weights; bf16-mixed: fp32 weights with bf16 autocast")
+    p.add_argument("--save-dtype", help="dtype of the saved model (default: the input's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--attn-implementation", help="sdpa, eager, flash_attention_2, ... (default: transformers')")
+    p.add_argument("--train-layers", help="all (default), new (blocks added by upscale --method interleave), "
+                   "or indices and ranges such as 0-3,8")
+    p.add_argument("--save-steps", type=int, help="resumable checkpoint every N steps (default 500; 0: only on Ctrl-C)")
+    p.add_argument("--save-total-limit", type=int, help="resumable checkpoints kept (default 2)")
+    p.add_argument("--eval-steps", type=int, help="eval every N steps (default: at the end)")
+    p.add_argument("--logging-steps", type=int, help="metrics every N steps (default 10)")
+    p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed rows, and report them")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in OUT.work")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT (and discard OUT.work)")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep OUT.work after success")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+_NOT_CONFIG = {"func", "stage", "debug", "quiet", "json", "command"}
+
+
+def _run(args) -> int:
+    import importlib
+
+    from upstack.commands.output import print_json
+    from upstack.config import config_from_dict
+
+    module, cls_name, fn_name, _ = _STAGES[args.stage]
+    mod = importlib.import_module(module)
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    if args.quiet:
+        options["progress"] = False
+    cfg = config_from_dict(getattr(mod, cls_name), options, "options")
+    summary = getattr(mod, fn_name)(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per launch, not one per process
+        return 0
+    if args.json:
+        print_json(summary)
+    else:
+        print(_describe(args.stage, summary))
+    return 0
+
+
+def _describe(stage: str, s: dict) -> str:
+    parts = [f"{s['steps']} steps", f"loss {s.get('final_loss', float('nan')):.4f}"]
+    if "eval_loss" in s:
+        parts.append(f"eval loss {s['eval_loss']:.4f}")
+    if "eval_perplexity" in s:
+        parts.append(f"eval perplexity {s['eval_perplexity']:.2f}")
+    if stage == "dpo" and "final_rewards/margin" in s:
+        parts.append(f"reward margin {s['final_rewards/margin']:.4f}, accuracy {s['final_rewards/accuracy']:.2f}")
+    if s.get("tokens_per_s"):
+        parts.append(f"{s['tokens_per_s']:,.0f} tokens/s")
+    return f"{stage}: wrote {s['out']} ({', '.join(parts)})"

@@ -1,0 +1,350 @@
+"""`upstack dpo`: Direct Preference Optimization against a frozen reference model.
+
+Pairs (`{"prompt": [...], "chosen": [...], "rejected": [...]}`) are rendered with the chat template;
+the completion tokens of each side carry labels (chat.py). A micro-batch of b pairs is one forward pass
+over 2b rows (chosen rows, then rejected rows). Sequence log-probs are sums over completion tokens.
+
+The reference is the starting model unless --ref-model names another. With --precompute-ref (the
+default) its log-probs are computed once before training -- from the policy itself before its first
+update when the reference is the starting model, so no second copy is ever loaded -- and stored in
+`<out>.work/ref_logps.safetensors` for --resume. Without it the reference model stays in memory and
+scores every batch.
+
+Losses (per pair; d = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))):
+    sigmoid  -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)        (DPO; eps = label smoothing)
+    hinge    max(0, 1 - beta d)                                               (SLiC)
+    ipo      (d' - 1 / (2 beta))^2, d' with log-probs averaged per token      (IPO, as TRL computes it)
+Rewards: beta (log pi - log ref) per side; margin = chosen - rejected; accuracy = share with chosen > rejected.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from upstack.errors import ConfigError, DataError
+from upstack.train.common import (
+    Run, Task, TrainConfig, check_config, check_model_path, check_vocab, checkpoint_dtype, collate_segments,
+    data_specs, disable_dropout, forward_scored, freeze_for_training, load_model, load_tokenizer, pad_token_id,
+    prepare_model, save_final, seed_everything, start_run, total_steps, train_loop, EpochOrder,
+)
+
+log = logging.getLogger("upstack.train")
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    learning_rate: float = 5e-7
+    max_length: int = 1024
+    beta: float = 0.1
+    loss_type: str = "sigmoid"          # sigmoid (DPO) | ipo | hinge
+    label_smoothing: float = 0.0        # sigmoid only: assumed share of flipped preference labels
+    ref_model: Optional[str] = None     # None: the starting model
+    precompute_ref: bool = True         # score the reference once before training, then free it
+    template: str = "auto"              # as for sft
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, loss_type: str = "sigmoid",
+               label_smoothing: float = 0.0, chosen_tokens=None, rejected_tokens=None):
+    """Per-pair DPO-family losses from summed sequence log-probs (tensors of shape [pairs])."""
+    import torch
+    import torch.nn.functional as F
+
+    if loss_type == "ipo":
+        d = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1) - \
+            (policy_rejected - ref_rejected) / rejected_tokens.clamp(min=1)
+        return (d - 1.0 / (2.0 * beta)) ** 2
+    d = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        return -(1.0 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - beta * d)
+    raise ConfigError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+
+
+def sequence_logps(logits, labels):
+    """(summed log-prob of each row's label tokens, number of label tokens) for shifted labels."""
+    import torch.nn.functional as F
+
+    per_token = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
+    return per_token.sum(-1), (labels != -100).sum(-1)
+
+
+def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+              ref_model=None):
+    """(summed loss over the batch's pairs, summed statistics) for a collated pair batch: rows 0..n-1 are
+    the chosen sequences, rows n..2n-1 the rejected ones; reference log-probs come from
+    batch["ref_logps"] ([n, 2], precomputed) or from `ref_model`."""
+    import torch
+
+    logps, n_tok = sequence_logps(*forward_scored(model, batch))
+    n = batch["n_loss"]
+    pc, pr = logps[:n], logps[n:]
+    if batch.get("ref_logps") is not None:
+        rc, rr = batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
+    else:
+        with torch.no_grad():
+            ref_lp, _ = sequence_logps(*forward_scored(ref_model, batch))
+        rc, rr = ref_lp[:n], ref_lp[n:]
+    losses = dpo_losses(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                        chosen_tokens=n_tok[:n], rejected_tokens=n_tok[n:])
+    with torch.no_grad():
+        chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
+        stats = {"rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
+                 "rewards/accuracy": (chosen_r > rejected_r).float().sum(),
+                 "logps/chosen": pc.sum(), "logps/rejected": pr.sum()}
+    return losses.sum(), stats
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool = False):
+    """Encode prompt+chosen and prompt+rejected of every pair (completion tokens labelled); keep pairs
+    where both sides still have completion tokens after truncation. Returns (encoded, kept pairs, stats)
+    where pair p is sequences kept[p] = (chosen index, rejected index)."""
+    from upstack.train.chat import encode_conversations
+
+    convs, train_from = [], []
+    for r in rows:
+        for side in ("chosen", "rejected"):
+            convs.append(list(r["prompt"]) + list(r[side]))
+            train_from.append(len(r["prompt"]))
+    enc = encode_conversations(tokenizer, convs, train_from, max_length, skip_bad_rows=skip_bad_rows)
+    by_conv = {c: s for s, c in enumerate(enc.source_rows)}
+    kept = []
+    for p in range(len(rows)):
+        c, r = by_conv.get(2 * p), by_conv.get(2 * p + 1)
+        if c is None or r is None:
+            continue
+        if enc.get(c)[1][1:].any() and enc.get(r)[1][1:].any():
+            kept.append((c, r))
+    stats = dict(enc.stats)
+    stats["pairs"] = len(rows)
+    stats["pairs_dropped"] = len(rows) - len(kept)
+    return enc, kept, stats
+
+
+def _prepare_reference(run: Run, ref):
+    """A frozen model for scoring: DeepSpeed/FSDP get their inference wrappers (TRL's helpers), else the device."""
+    from accelerate.utils import DistributedType
+
+    ref.eval()
+    ref.requires_grad_(False)
+    disable_dropout(ref)
+    kind = run.accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        from trl.models import prepare_deepspeed
+
+        return prepare_deepspeed(ref, run.accelerator)
+    if kind == DistributedType.FSDP:
+        from trl.models import prepare_fsdp
+
+        return prepare_fsdp(ref, run.accelerator)
+    return ref.to(run.accelerator.device)  # no gradients, so no DDP wrapper (and no slot in save_state)
+
+
+def score_pairs(run: Run, model, pair_ids: list[int], collate):
+    """Reference log-probs [len(pair_ids), 2] (chosen, rejected), shared out over processes; every process
+    runs the same number of forward passes (collective under FSDP/ZeRO-3) and all get the full result."""
+    import torch
+    from tqdm import tqdm
+
+    world, rank = run.world, run.rank
+    b = max(1, run.cfg.batch_size * 2)
+    per_rank = math.ceil(len(pair_ids) / world)
+    mine = pair_ids[rank::world]
+    out = torch.zeros(per_rank, 2, dtype=torch.float32, device=run.accelerator.device)
+    was_training = model.training
+    model.eval()
+    n_batches = math.ceil(per_rank / b)
+    with torch.no_grad():
+        for i in tqdm(range(n_batches), desc="reference log-probs", disable=not (run.cfg.progress and run.is_main),
+                      leave=False):
+            idx = mine[i * b:(i + 1) * b]
+            batch = collate(idx or pair_ids[:1], with_ref=False)
+            batch = {k: (v.to(run.accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
+            with run.accelerator.autocast():
+                logps, _ = sequence_logps(*forward_scored(model, batch))
+            if idx:
+                n = len(idx)
+                out[i * b:i * b + n, 0] = logps[:n].float()
+                out[i * b:i * b + n, 1] = logps[n:].float()
+    model.train(was_training)
+    gathered = run.accelerator.gather(out) if world > 1 else out  # [world * per_rank, 2], rank-major
+    gathered = gathered.cpu()
+    result = torch.empty(len(pair_ids), 2)
+    for j in range(len(pair_ids)):
+        result[j] = gathered[(j % world) * per_rank + j // world]
+    return result
+
+
+def dpo(cfg: DPOConfig) -> dict:
+    """Run DPO; returns the summary (final loss, rewards, margins, accuracy; eval metrics; out path)."""
+    from upstack.data.loading import load_dpo_rows
+    from upstack.train.chat import TEMPLATES, resolve_template
+
+    check_config(cfg)
+    problems = []
+    if cfg.loss_type not in LOSS_TYPES:
+        problems.append(f"loss_type: {cfg.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if not cfg.beta > 0:
+        problems.append(f"beta: must be > 0, got {cfg.beta}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        problems.append(f"label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.label_smoothing and cfg.loss_type != "sigmoid":
+        problems.append("label_smoothing applies to loss_type sigmoid only")
+    if cfg.template not in TEMPLATES:
+        problems.append(f"template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.ref_model:
+        check_model_path(cfg.ref_model, "--ref-model")
+        _check_same_vocab(cfg.model, cfg.ref_model)
+    specs = data_specs(cfg.data)
+    eval_specs = data_specs(cfg.eval_data, "eval_data")
+    with start_run(cfg, "dpo") as run:
+        seed_everything(cfg.seed)
+        rows, report = load_dpo_rows(specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
+        run.log(str(report))
+        tokenizer = load_tokenizer(cfg.model)
+        template = resolve_template(tokenizer, cfg.template, cfg.model)
+        enc, pairs, stats = encode_pairs(tokenizer, rows, cfg.max_length, cfg.skip_bad_rows)
+        if stats["truncated"] and run.is_main:
+            log.warning(f"{stats['truncated']} of {2 * len(rows)} sequences were longer than --max-length "
+                        f"{cfg.max_length} and were truncated (longest: {stats['longest']} tokens); "
+                        f"{stats['pairs_dropped']} pairs lost a whole completion and were dropped")
+        if not pairs:
+            raise DataError(f"no preference pairs left: all {len(rows)} lost a completion to --max-length "
+                            f"{cfg.max_length}")
+        eval_pairs: list = []
+        eval_enc = enc
+        if eval_specs:
+            eval_rows, _ = load_dpo_rows(eval_specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
+            eval_enc, eval_pairs, _ = encode_pairs(tokenizer, eval_rows, cfg.max_length, cfg.skip_bad_rows)
+        elif cfg.eval_fraction and len(pairs) > 1:
+            import numpy as np
+
+            perm = np.random.default_rng([cfg.seed, 1]).permutation(len(pairs))
+            n_eval = max(1, round(cfg.eval_fraction * len(pairs)))
+            held = set(int(i) for i in perm[:n_eval])
+            eval_pairs = [pairs[i] for i in sorted(held)]
+            pairs = [p for i, p in enumerate(pairs) if i not in held]
+
+        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        input_dtype = checkpoint_dtype(cfg.model)
+        disable_dropout(model)
+        check_vocab(model, max(int(enc.ids.max(initial=0)), int(eval_enc.ids.max(initial=0))))
+        layers = freeze_for_training(model, cfg.train_layers, cfg.model)
+        pad_id = pad_token_id(tokenizer)
+        ref_logps = {"train": None, "eval": None}
+
+        def make_collate(encoded, pair_list, split):
+            def collate(idx, with_ref=True):
+                seqs = [pair_list[i][0] for i in idx] + [pair_list[i][1] for i in idx]
+                batch = collate_segments([[encoded.get(s)] for s in seqs], pad_id, False)
+                batch["n_loss"] = len(idx)
+                if with_ref and ref_logps[split] is not None:
+                    batch["ref_logps"] = ref_logps[split][idx]
+                return batch
+            return collate
+
+        collate = make_collate(enc, pairs, "train")
+        eval_collate = make_collate(eval_enc, eval_pairs, "eval")
+        run.info.update({"template": template, "pairs": len(rows), "train_pairs": len(pairs),
+                         "eval_pairs": len(eval_pairs), "truncated": stats["truncated"],
+                         "pairs_dropped": stats["pairs_dropped"], "loss_type": cfg.loss_type, "beta": cfg.beta,
+                         "precompute_ref": cfg.precompute_ref,
+                         "skipped_rows": stats["skipped"] + sum(s.skipped for s in report.sources), **layers})
+
+        model, optimizer = prepare_model(run, model)
+        ref_model = None
+        ref_path = cfg.ref_model or cfg.model
+        if cfg.precompute_ref:
+            t0 = time.perf_counter()
+            ref_logps.update(_reference_logps(run, model, ref_path, collate, eval_collate, len(pairs),
+                                              len(eval_pairs)))
+            run.info["ref_logps_seconds"] = time.perf_counter() - t0
+        else:
+            ref_model = _prepare_reference(run, load_model(ref_path, cfg.dtype, cfg.attn_implementation))
+
+        def loss_fn(m, batch):
+            return pair_loss(m, batch, beta=cfg.beta, loss_type=cfg.loss_type,
+                             label_smoothing=cfg.label_smoothing, ref_model=ref_model)
+
+        task = Task(n_items=len(pairs), collate=collate, loss_fn=loss_fn, n_eval=len(eval_pairs),
+                    eval_collate=eval_collate, derive=_margin)
+        summary = train_loop(run, model, optimizer, task)
+        summary.update({k: run.info[k] for k in ("template", "train_pairs", "eval_pairs", "truncated",
+                                                   "pairs_dropped", "skipped_rows", "ref_logps_seconds")
+                        if k in run.info})
+        summary["data"] = report.to_dict()
+        return save_final(run, model, tokenizer, summary, input_dtype=input_dtype)
+
+
+def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_train: int, n_eval: int) -> dict:
+    """Reference log-probs for the pairs training will use (and all eval pairs), cached in the work folder.
+
+    When the reference is the starting model and no update has happened yet (a fresh run), the policy
+    scores them itself; otherwise (another --ref-model, or a resume whose cache is missing) the reference
+    is loaded, scored and freed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = run.cfg
+    path = run.work / "ref_logps.safetensors"
+    if path.is_file():
+        cached = load_file(str(path))
+        if cached["train"].shape[0] == n_train and cached.get("eval", torch.zeros(0, 2)).shape[0] == n_eval:
+            run.log(f"reference log-probs from {path}")
+            return {"train": cached["train"], "eval": cached.get("eval")}
+    steps = total_steps(cfg, n_train, run.world)
+    used = sorted(set(EpochOrder(n_train, cfg.seed).take(0, steps * cfg.batch_size * cfg.grad_accum * run.world)))
+    if run.resume_from is not None and not cfg.ref_model:
+        log.warning("the reference log-prob cache is missing; scoring with the starting model")
+    own = not cfg.ref_model and run.resume_from is None
+    scorer = model if own else _prepare_reference(run, load_model(ref_path, cfg.dtype, cfg.attn_implementation))
+    run.log(f"scoring {len(used)} training and {n_eval} eval pairs with the reference model"
+            f"{' (the starting policy)' if own else ' ' + ref_path}")
+    train = torch.zeros(n_train, 2)
+    if used:
+        train[used] = score_pairs(run, scorer, used, collate)
+    result = {"train": train}
+    if n_eval:
+        result["eval"] = score_pairs(run, scorer, list(range(n_eval)), eval_collate)
+    if not own:
+        del scorer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if run.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
+        tmp.replace(path)
+    run.accelerator.wait_for_everyone()
+    return {"train": result["train"], "eval": result.get("eval")}
+
+
+def _check_same_vocab(model: str, ref: str) -> None:
+    """Log-probs are only comparable over the same vocabulary."""
+    import json
+    from pathlib import Path
+
+    sizes = []
+    for path in (model, ref):
+        try:
+            sizes.append(json.loads((Path(path) / "config.json").read_text()).get("vocab_size"))
+        except (OSError, ValueError):
+            return  # a hub id: transformers will load it
+    if sizes[0] != sizes[1]:
+        raise ConfigError(f"--ref-model {ref} has vocab_size {sizes[1]} but {model} has {sizes[0]}: the reference "
+                          "must use the policy's tokenizer")
+
+
+def _margin(metrics: dict, prefix: str) -> dict:
+    c, r = metrics.get(f"{prefix}rewards/chosen"), metrics.get(f"{prefix}rewards/rejected")
+    return {f"{prefix}rewards/margin": c - r} if c is not None and r is not None else {}

@@ -1,0 +1,184 @@
+"""`upstack pretrain`: continued pretraining (causal LM) on raw text, packed into fixed-length blocks.
+
+Documents stream from the data layer (`.txt`, JSONL/parquet with a text field, several sources with
+weights), are tokenized in batches with eos after each, and are appended to a token file on disk
+(`<out>.work/tokens/train.bin`, uint16 or uint32) by the main process -- the corpus is never held in
+memory. Training reads blocks of --seq-len tokens from it through a memory map. Inside a block,
+position ids restart after every eos, so where the model supports it (supports_packed_positions)
+attention never crosses a document boundary; the first token of a document is never a label of the
+previous one. A seeded share of blocks (--eval-fraction), or --eval-data, gives eval loss and perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from upstack.errors import ConfigError, DataError
+from upstack.train.common import (
+    Run, Task, TrainConfig, add_perplexity, check_config, check_vocab, checkpoint_dtype, collate_segments, data_specs,
+    freeze_for_training, lm_loss, load_model, load_tokenizer, pad_token_id, prepare_model, save_final,
+    seed_everything, start_run, supports_packed_positions, train_loop,
+)
+
+log = logging.getLogger("upstack.train")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    learning_rate: float = 1e-4
+    max_length: int = 2048             # block length (--seq-len)
+    eval_fraction: float = 0.01
+
+
+def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: bool, progress: bool,
+                     batch_docs: int = 1000) -> dict:
+    """Stream documents into a flat token file (eos after each document); return its metadata.
+
+    Written to `path.tmp` and renamed, with `path.json` (metadata) last, so a half-written file is never
+    mistaken for a finished one."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from upstack.data.loading import LoadReport, iter_text_documents
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no eos token, which pretraining puts between documents")
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    report = LoadReport(kind="text", seed=seed)
+    docs = iter_text_documents(specs, seed=seed, skip_bad_rows=skip_bad_rows, report=report)
+    tmp = path.with_name(path.name + ".tmp")
+    n_tokens = n_docs = max_id = 0
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, leave=False)
+    with open(tmp, "wb") as f:
+        def flush(batch: list[str]) -> None:
+            nonlocal n_tokens, n_docs, max_id
+            for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+                if not ids or ids[-1] != eos:
+                    ids = ids + [eos]
+                arr = np.asarray(ids, dtype=dtype)
+                max_id = max(max_id, int(arr.max()))
+                arr.tofile(f)
+                n_tokens += len(arr)
+                n_docs += 1
+            bar.update(len(batch))
+
+        batch: list[str] = []
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) >= batch_docs:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    bar.close()
+    os.replace(tmp, path)
+    meta = {"tokens": n_tokens, "documents": n_docs, "dtype": np.dtype(dtype).name, "eos": eos, "max_id": max_id,
+            "data": report.to_dict()}
+    path.with_name(path.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def token_file(run: Run, specs, tokenizer, name: str) -> tuple:
+    """The memory-mapped token file `name` in the work folder, built once by the main process."""
+    import numpy as np
+
+    folder = run.work / "tokens"
+    path = folder / f"{name}.bin"
+    meta_path = path.with_name(path.name + ".json")
+    failed = path.with_name(path.name + ".failed")
+    if run.is_main and not meta_path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        failed.unlink(missing_ok=True)
+        try:
+            meta = tokenize_to_file(specs, tokenizer, path, seed=run.cfg.seed,
+                                    skip_bad_rows=run.cfg.skip_bad_rows, progress=run.cfg.progress)
+        except BaseException as e:
+            failed.write_text(f"{type(e).__name__}: {e}\n")
+            raise
+        run.log(f"tokenized {meta['documents']} documents into {meta['tokens']} tokens ({path})")
+    # The other processes poll for the result rather than wait at a collective barrier, whose timeout
+    # a large corpus could outlast.
+    while not meta_path.is_file():
+        if failed.is_file():
+            raise DataError(f"tokenizing {name} data failed on the main process: {failed.read_text().strip()}")
+        time.sleep(2)
+    meta = json.loads(meta_path.read_text())
+    tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if meta["tokens"] else np.zeros(0, meta["dtype"])
+    return tokens, meta
+
+
+def block_segments(block, eos: int) -> list[tuple]:
+    """Split one block of tokens after every eos: one (ids, label mask) segment per document piece."""
+    import numpy as np
+
+    cuts = np.nonzero(block[:-1] == eos)[0] + 1
+    return [(seg, np.ones(len(seg), dtype=bool)) for seg in np.split(block, cuts)]
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run continued pretraining; returns the summary (final/eval loss and perplexity, out path)."""
+    import numpy as np
+
+    check_config(cfg)
+    specs = data_specs(cfg.data)
+    eval_specs = data_specs(cfg.eval_data, "eval_data")
+    with start_run(cfg, "pretrain") as run:
+        seed_everything(cfg.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        tokens, meta = token_file(run, specs, tokenizer, "train")
+        L = cfg.max_length
+        n_blocks = meta["tokens"] // L
+        if n_blocks == 0:
+            raise DataError(f"the training text has {meta['tokens']} tokens, less than one block of --seq-len {L}")
+        blocks = np.arange(n_blocks)
+        eval_tokens, eval_blocks, eval_meta = tokens, np.zeros(0, dtype=np.int64), meta
+        if eval_specs:
+            eval_tokens, eval_meta = token_file(run, eval_specs, tokenizer, "eval")
+            eval_blocks = np.arange(eval_meta["tokens"] // L)
+            if not len(eval_blocks):
+                raise DataError(f"the eval text has {eval_meta['tokens']} tokens, less than one block of {L}")
+        elif cfg.eval_fraction and n_blocks > 1:
+            perm = np.random.default_rng([cfg.seed, 1]).permutation(n_blocks)
+            n_eval = min(n_blocks - 1, max(1, round(cfg.eval_fraction * n_blocks)))
+            eval_blocks, blocks = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+        elif cfg.eval_fraction and run.is_main:
+            log.warning("eval_fraction: the corpus is a single block; no eval split")
+
+        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        input_dtype = checkpoint_dtype(cfg.model)
+        check_vocab(model, max(meta["max_id"], eval_meta["max_id"] if eval_specs else 0))
+        reset = supports_packed_positions(model)
+        if not reset and run.is_main:
+            log.warning(f"{type(model).__name__} cannot stop attention at position restarts: documents packed "
+                        "into one block attend to each other")
+        layers = freeze_for_training(model, cfg.train_layers, cfg.model)
+        eos, pad_id = meta["eos"], pad_token_id(tokenizer)
+        run.info.update({"documents": meta["documents"], "corpus_tokens": meta["tokens"], "blocks": int(len(blocks)),
+                         "eval_blocks": int(len(eval_blocks)), "document_masking": reset,
+                         "dropped_tail_tokens": int(meta["tokens"] - n_blocks * L), **layers})
+
+        def rows_of(source, block_ids, idx):
+            return [block_segments(np.asarray(source[b * L:(b + 1) * L], dtype=np.int64), eos)
+                    for b in (int(block_ids[i]) for i in idx)]
+
+        def collate(idx):
+            return collate_segments(rows_of(tokens, blocks, idx), pad_id, reset)
+
+        def eval_collate(idx):
+            return collate_segments(rows_of(eval_tokens, eval_blocks, idx), pad_id, reset)
+
+        model, optimizer = prepare_model(run, model)
+        task = Task(n_items=len(blocks), collate=collate, loss_fn=lm_loss, n_eval=len(eval_blocks),
+                    eval_collate=eval_collate, derive=add_perplexity)
+        summary = train_loop(run, model, optimizer, task)
+        summary.update({k: run.info[k] for k in ("documents", "corpus_tokens", "blocks", "eval_blocks",
+                                                   "document_masking")})
+        summary["data"] = meta["data"]
+        return save_final(run, model, tokenizer, summary, input_dtype=input_dtype)
+

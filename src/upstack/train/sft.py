@@ -1,0 +1,138 @@
+"""`upstack sft`: instruction tuning with the loss on response tokens only.
+
+Rows (`{"messages": [...]}` from the data layer, several sources mixed by samples/weights) are rendered
+with the tokenizer's chat template -- or the SOLAR "### User: / ### Assistant:" format -- and only the
+assistant turns carry labels (chat.py). Packing several examples into one row is on by default only
+where restarting position ids also stops attention (so examples never see each other); otherwise rows
+are padded per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from upstack.errors import ConfigError, DataError
+from upstack.train.common import (
+    Task, TrainConfig, add_perplexity, check_config, check_vocab, checkpoint_dtype, collate_segments, data_specs,
+    freeze_for_training, lm_loss, load_model, load_tokenizer, pad_token_id, prepare_model, save_final,
+    seed_everything, start_run, supports_packed_positions, train_loop,
+)
+
+log = logging.getLogger("upstack.train")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    learning_rate: float = 2e-5
+    template: str = "auto"             # auto | chat (the tokenizer's) | alpaca (### User: / ### Assistant:)
+    packing: Optional[bool] = None     # None: on when the model stops attention at position restarts
+
+
+def pack_examples(order: list[int], lengths: list[int], max_length: int) -> list[list[int]]:
+    """Greedy in order: append examples to the current row until the next would pass max_length."""
+    rows, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        rows.append(current)
+    return rows
+
+
+def encode_sft_rows(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool = False):
+    """Encoded conversations (all assistant turns trained) and the indices that keep response tokens."""
+    from upstack.train.chat import encode_conversations
+
+    enc = encode_conversations(tokenizer, [r["messages"] for r in rows], [0] * len(rows), max_length,
+                               skip_bad_rows=skip_bad_rows)
+    keep = [i for i in range(len(enc)) if enc.get(i)[1][1:].any()]
+    return enc, keep
+
+
+def describe_truncation(stats: dict, max_length: int, what: str = "rows") -> Optional[str]:
+    if not stats["truncated"]:
+        return None
+    return (f"{stats['truncated']} of {stats['rows']} {what} were longer than --max-length {max_length} and were "
+            f"truncated (longest: {stats['longest']} tokens); {stats['no_response']} lost their whole response "
+            "and were dropped")
+
+
+def sft(cfg: SFTConfig) -> dict:
+    """Run supervised fine-tuning; returns the summary (final metrics, out path, data counts)."""
+    import numpy as np
+
+    from upstack.data.loading import load_sft_rows
+    from upstack.train.chat import TEMPLATES, resolve_template
+
+    check_config(cfg)
+    if cfg.template not in TEMPLATES:
+        raise ConfigError(f"template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
+    specs = data_specs(cfg.data)
+    eval_specs = data_specs(cfg.eval_data, "eval_data")
+    with start_run(cfg, "sft") as run:
+        seed_everything(cfg.seed)
+        rows, report = load_sft_rows(specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
+        run.log(str(report))
+        tokenizer = load_tokenizer(cfg.model)
+        template = resolve_template(tokenizer, cfg.template, cfg.model)
+        enc, keep = encode_sft_rows(tokenizer, rows, cfg.max_length, cfg.skip_bad_rows)
+        note = describe_truncation(enc.stats, cfg.max_length)
+        if note and run.is_main:
+            log.warning(note)
+        if not keep:
+            raise DataError(f"no training rows left: all {len(rows)} rows lost their response to --max-length "
+                            f"{cfg.max_length} (or had none)")
+        eval_enc, eval_keep = None, []
+        if eval_specs:
+            eval_rows, _ = load_sft_rows(eval_specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
+            eval_enc, eval_keep = encode_sft_rows(tokenizer, eval_rows, cfg.max_length, cfg.skip_bad_rows)
+        elif cfg.eval_fraction:
+            perm = np.random.default_rng([cfg.seed, 1]).permutation(len(keep))
+            n_eval = max(1, round(cfg.eval_fraction * len(keep))) if len(keep) > 1 else 0
+            held = set(int(i) for i in perm[:n_eval])
+            eval_enc, eval_keep = enc, [keep[i] for i in sorted(held)]
+            keep = [k for i, k in enumerate(keep) if i not in held]
+
+        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        input_dtype = checkpoint_dtype(cfg.model)
+        supported = supports_packed_positions(model)
+        packing = supported if cfg.packing is None else cfg.packing
+        if packing and not supported:
+            log.warning(f"--packing on {type(model).__name__}: this model cannot stop attention at position "
+                        "restarts, so packed examples attend to each other (cross-contamination)")
+        check_vocab(model, max(int(enc.ids.max(initial=0)),
+                               int(eval_enc.ids.max(initial=0)) if eval_enc is not None else 0))
+        layers = freeze_for_training(model, cfg.train_layers, cfg.model)
+        run.info.update({"template": template, "packing": packing, "rows": len(rows),
+                         "train_rows": len(keep), "eval_rows": len(eval_keep),
+                         "truncated": enc.stats["truncated"], "dropped_no_response": enc.stats["no_response"],
+                         "skipped_rows": enc.stats["skipped"] + sum(s.skipped for s in report.sources),
+                         "template_fallback": enc.stats["template_fallback"], **layers})
+        pad_id = pad_token_id(tokenizer)
+        reset = packing and supported   # restart positions only where that also stops attention
+        if packing:
+            order = [keep[int(i)] for i in np.random.default_rng([cfg.seed, 2]).permutation(len(keep))]
+            items = pack_examples(order, [enc.length(i) for i in range(len(enc))], cfg.max_length)
+        else:
+            items = [[k] for k in keep]
+
+        def collate(idx: list[int]) -> dict:
+            return collate_segments([[enc.get(e) for e in items[i]] for i in idx], pad_id, reset)
+
+        def eval_collate(idx: list[int]) -> dict:
+            return collate_segments([[eval_enc.get(eval_keep[i])] for i in idx], pad_id, False)
+
+        model, optimizer = prepare_model(run, model)
+        task = Task(n_items=len(items), collate=collate, loss_fn=lm_loss, n_eval=len(eval_keep),
+                    eval_collate=eval_collate, derive=add_perplexity)
+        summary = train_loop(run, model, optimizer, task)
+        summary.update({k: run.info[k] for k in ("template", "packing", "train_rows", "eval_rows", "truncated",
+                                                   "dropped_no_response", "skipped_rows")})
+        summary["data"] = report.to_dict()
+        return save_final(run, model, tokenizer, summary, input_dtype=input_dtype)
+

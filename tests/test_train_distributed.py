@@ -1,0 +1,71 @@
+"""Two CPU processes (accelerate launch, gloo) give the loss curve of one process with the same global batch."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from tiny import build_tiny_model
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def curve(out):
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["type"] == "train"], next(r for r in recs if r["type"] in ("start",))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, stage):
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    model = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2, vocab_size=256)
+    data = tmp_path / "d.jsonl"
+    if stage == "sft":
+        # Different lengths, so the per-process token counts differ and normalisation matters.
+        rows = [{"instruction": "Say " + "hi " * (i % 5 + 1), "output": "ok " * (i % 7 + 1)} for i in range(16)]
+    else:
+        rows = [{"prompt": f"Is {i} even?", "chosen": "Yes." if i % 2 == 0 else "No, it is odd.",
+                 "rejected": "No." if i % 2 == 0 else "Yes it is."} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [stage, str(model), "--data", str(data), "--max-steps", "4", "--batch-size", "2", "--lr", "5e-3",
+              "--logging-steps", "1", "--max-length", "64", "--no-tensorboard", "-q", "--save-steps", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    two = tmp_path / "two"
+    p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        "-m", "upstack.cli", *common, "--out", str(two), "--grad-accum", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from upstack.cli import main
+
+    one = tmp_path / "one"
+    assert main([*common, "--out", str(one), "--grad-accum", "2"]) == 0
+    (c2, start2), (c1, start1) = curve(two), curve(one)
+    assert start2["processes"] == 2 and start1["processes"] == 1
+    assert start2["global_batch"] == start1["global_batch"] == 4
+    assert len(c1) == len(c2) == 4
+    for a, b in zip(c1, c2):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    if stage == "dpo":
+        assert c1[-1]["rewards/margin"] == pytest.approx(c2[-1]["rewards/margin"], rel=1e-3, abs=1e-4)

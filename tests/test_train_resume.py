@@ -1,0 +1,124 @@
+"""Crash, Ctrl-C and --resume: a killed run resumed from its last checkpoint ends where an uninterrupted run
+ends; a resume with another config or model is refused. Real processes, killed for real (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny import build_tiny_model
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", num_hidden_layers=2, vocab_size=256)
+
+
+def upstack(*args, signal_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env.pop("UPSTACK_TEST_SIGNAL_AT_STEP", None)
+    if signal_at:
+        env["UPSTACK_TEST_SIGNAL_AT_STEP"] = signal_at
+    return subprocess.run([sys.executable, "-m", "upstack.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def cli(*args):
+    """The same command in this process (cheaper than a new interpreter): (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from upstack.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(args[0]), "-q", *map(str, args[1:])])
+    return rc, err.getvalue()
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def losses(out):
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if r["type"] == "train"]
+
+
+def test_killed_sft_run_resumes_to_the_same_result(model_dir, tmp_path):
+    from upstack.train.sft import SFTConfig, sft
+
+    rows = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(12)]
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    args = ["sft", model_dir, "--data", data, "--out", out, "--max-steps", 8, "--save-steps", 3, "--batch-size", 2,
+            "--max-length", 64, "--lr", "1e-3", "--logging-steps", 1, "--no-tensorboard", "--no-packing"]
+    p = upstack(*args, signal_at="5:KILL")              # a hard crash after step 5
+    assert p.returncode == -9, p.stderr
+    assert not out.exists() and (work / "checkpoint-3").is_dir() and not (work / "checkpoint-6").exists()
+    rc, err = cli(*args)                                 # without --resume: refused, nothing lost
+    assert rc == 2 and "--resume" in err
+    rc, err = cli(*args, "--lr", "2e-3", "--resume")     # another config: refused, says what differs
+    assert rc == 2 and "learning_rate" in err
+    rc, err = cli(*args, "--resume")
+    assert rc == 0, err
+    assert not work.exists()
+
+    ref = tmp_path / "ref"
+    sft(SFTConfig(model=str(model_dir), data=[str(data)], out=str(ref), max_steps=8, save_steps=0, batch_size=2,
+                  max_length=64, learning_rate=1e-3, logging_steps=1, tensorboard=False, progress=False, packing=False))
+    assert_same_weights(out, ref)
+    got, want = losses(out), losses(ref)
+    assert [s for s, _ in got] == list(range(1, 9))     # each step logged once, across the crash
+    assert [round(v, 5) for _, v in got] == [round(v, 5) for _, v in want]
+
+
+def test_interrupted_dpo_run_saves_and_resumes_with_cached_reference(model_dir, tmp_path):
+    from upstack.train.dpo import DPOConfig, dpo
+
+    rows = [{"prompt": f"Is {i} even?", "chosen": "Yes." if i % 2 == 0 else "No.",
+             "rejected": "No." if i % 2 == 0 else "Yes."} for i in range(8)]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    args = ["dpo", model_dir, "--data", data, "--out", out, "--max-steps", 6, "--save-steps", 0, "--batch-size", 2,
+            "--lr", "1e-3", "--logging-steps", 1, "--no-tensorboard"]
+    p = upstack(*args, signal_at="4:INT")               # Ctrl-C after step 4: checkpoint, then exit 130
+    assert p.returncode == 130, p.stderr
+    assert "interrupted" in p.stderr
+    assert (work / "checkpoint-4").is_dir() and (work / "ref_logps.safetensors").is_file() and not out.exists()
+    other = build_tiny_model(tmp_path / "other", "llama", num_hidden_layers=2, vocab_size=256, seed=3)
+    rc, err = cli("dpo", other, *args[2:], "--resume")
+    assert rc == 2 and "another model" in err
+    rc, err = cli(*args, "--resume")
+    assert rc == 0, err
+
+    ref = tmp_path / "ref"
+    dpo(DPOConfig(model=str(model_dir), data=[str(data)], out=str(ref), max_steps=6, save_steps=0, batch_size=2,
+                  learning_rate=1e-3, logging_steps=1, tensorboard=False, progress=False))
+    assert_same_weights(out, ref)
+    assert [round(v, 5) for _, v in losses(out)] == [round(v, 5) for _, v in losses(ref)]
