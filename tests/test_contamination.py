@@ -20,15 +20,7 @@ def load_docs_row(line: str) -> dict:
     return _arc("-", "-", json.loads(line))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: on a busy 2-core machine two torch threads are ~100x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,7 @@ from upstack.evaluate.perplexity import load_model, perplexity, windows
 TEXT = ("Depth up-scaling stacks two copies of a model and drops the seam layers. " * 12).strip()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: on a busy 2-core machine two torch threads are ~100x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,13 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _is_wrong(answer: str) -> bool:
+    try:
+        return not _check_worked_answer(answer)
+    except AssertionError:  # the final line contradicts the steps
+        return True
+
+
 def _check_worked_answer(answer: str) -> int:
     """Every 'x op y = r.' line computes correctly and the answer ends with '#### r' of the last line."""
     lines = answer.split("\n")
@@ -94,7 +101,7 @@ def test_row_formats(world):
         for r in _jsonl(out / name):
             assert set(r) == {"prompt", "chosen", "rejected"}
             assert _check_worked_answer(r["chosen"])
-            assert not _check_worked_answer(r["rejected"])  # exactly the slip makes it wrong
+            assert _is_wrong(r["rejected"])  # a step slips, or the final line contradicts the steps
             assert r["chosen"].split("####")[1] != r["rejected"].split("####")[1]
     for r in _jsonl(out / "eval/arc_challenge/test.jsonl"):
         assert set(r) == {"id", "question", "answerKey"}

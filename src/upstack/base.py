@@ -29,7 +29,7 @@ class BaseConfig:
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = False
     seed: int = 0
-    train: dict = dataclasses.field(default_factory=dict)  # PretrainConfig options (lr, max_steps, seq_len, ...)
+    train: dict = dataclasses.field(default_factory=dict)  # PretrainConfig options (learning_rate, max_steps, max_length, ...)
     overwrite: bool = False
 
 
@@ -74,7 +74,7 @@ def build_base(cfg: BaseConfig) -> dict:
         raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
     init = out.parent / f".{out.name}.init"
     train_opts = {"data": cfg.data, "seed": cfg.seed, **cfg.train, "model": str(init), "out": str(out),
-                  "overwrite": cfg.overwrite}
+                  "overwrite": cfg.overwrite, "resume": True}
     pcfg = config_from_dict(PretrainConfig, train_opts, where="base.train")  # validate before any work
     if not (init / "config.json").is_file():
         shutil.rmtree(init, ignore_errors=True)

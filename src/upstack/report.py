@@ -52,7 +52,8 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
     """Everything the report shows, as one JSON-able dict (also written as results.json)."""
     run_dir = Path(run_dir)
     stages = {}
-    names = stage_order or sorted(p.name for p in run_dir.iterdir() if (p / MARKER).is_file())
+    names = stage_order or sorted((p.name for p in run_dir.iterdir() if (p / MARKER).is_file()),
+                                  key=lambda n: (_read_json(run_dir / n / MARKER) or {}).get("finished") or "")
     for name in names:
         marker = _read_json(run_dir / name / MARKER)
         if marker is None:
@@ -74,6 +75,8 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
                 val = v.get("result") if isinstance(v, dict) else v
                 if isinstance(val, (int, float)):
                     models.setdefault(model_stage, {})[f"contamination/{k}"] = float(val)
+    order = list(stages)
+    models = dict(sorted(models.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     curves = {name: _read_metrics(run_dir / name) for name, m in stages.items()}
     curves = {k: v for k, v in curves.items() if v}
     layer_maps = []

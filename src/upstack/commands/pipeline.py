@@ -134,5 +134,13 @@ def run_report(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UpstackError(f"{run_dir}: no such run folder")
-    print(write_report(run_dir))
+    recipe = None
+    if (run_dir / "recipe.yaml").is_file():  # the run's own copy: stage order and comparison tables
+        from upstack.pipeline import load_recipe
+
+        try:
+            recipe = load_recipe(run_dir / "recipe.yaml", run_dir)
+        except UpstackError:
+            recipe = None
+    print(write_report(run_dir, recipe))
     return 0

@@ -257,9 +257,16 @@ def _sample_problems(rng: random.Random, names: list[str], count: int, exclude: 
 
 
 def _rejected_answer(rng: random.Random, p: MathProblem) -> str:
-    """A plausible wrong worked answer: one step's result slips, the rest follows from it."""
+    """A plausible wrong worked answer, half of each kind:
+    - an arithmetic slip: one step's result is off, the later steps follow from it;
+    - a careless final line: every step is right but `#### n` does not match the last result.
+    """
     steps = len(_TEMPLATE_BY_NAME[p.template].steps)
     correct = p.final()
+    if rng.random() < 0.5:
+        delta = rng.choice([d for d in _SLIPS if correct + d >= 0])
+        text = p.answer()
+        return text[: text.rindex("#### ")] + f"#### {correct + delta}"
     while True:
         slip = (rng.randrange(steps), rng.choice(_SLIPS))
         text, results = p.solve(slip)
