@@ -23,10 +23,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import timed  # noqa: E402
 from synthetic_ckpt import build_mistral_like  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,22 +37,6 @@ MERGEKIT_CONFIGS = {
     "slerp": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\n"
              "parameters:\n  t: 0.5\ndtype: bfloat16\n",
 }
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run cmd, then sync; return (seconds including the sync, peak RSS bytes of the command).
-
-    /usr/bin/time measures the command itself: a child forked from this process would start with our
-    RSS high-water mark.
-    """
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    subprocess.run(["sync"], check=True)
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return dt, int(proc.stderr.strip().splitlines()[-1]) * 1024
 
 
 def copy_time(src: Path, dst: Path) -> float:

@@ -19,27 +19,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import timed  # noqa: E402
 from synthetic_ckpt import build_mistral_like  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run cmd, then sync; return (seconds including the sync, peak RSS bytes of the child)."""
-    # Peak RSS through /usr/bin/time: Linux keeps a process's RSS high-water mark across exec, so a
-    # child forked straight from this (large) benchmark process would report our RSS, not its own.
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    subprocess.run(["sync"], check=True)
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}\n{proc.stderr}")
-    return dt, int(proc.stderr.strip().splitlines()[-1]) * 1024
 
 
 def dir_bytes(p: Path) -> int:

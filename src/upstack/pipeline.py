@@ -27,7 +27,6 @@ import importlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
