@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
@@ -20,3 +23,11 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     if proc.returncode != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return dt, int(proc.stderr.strip().splitlines()[-1]) * 1024
+
+
+def record(text: str, save: bool = True) -> None:
+    """Print a results section and (unless told not to) append it to bench/RESULTS.md."""
+    print(text)
+    if save:
+        with open(RESULTS, "a") as f:
+            f.write(text)

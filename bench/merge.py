@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import record as save_results  # noqa: E402
 from common import timed  # noqa: E402
 from synthetic_ckpt import build_mistral_like  # noqa: E402
 
@@ -180,11 +181,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = record(rows, args.repeat, load)
-    print(text)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(text)
+    save_results(record(rows, args.repeat, load), not args.no_record)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed  # noqa: E402
+from common import record, timed  # noqa: E402
 from synthetic_ckpt import build_mistral_like  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,11 +79,7 @@ def main() -> None:
     for r in results:
         lines.append(f"| {r['layers']} -> {r['out_layers']} | {r['bytes'] / 1e9:.2f} GB | {r['upscale_s']:.2f} s | "
                      f"{r['copy_s']:.2f} s | {r['ratio']:.2f}x | {r['peak_rss'] / 1e6:.0f} MB |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(text)
+    record("\n".join(lines) + "\n", not args.no_record)
 
 
 if __name__ == "__main__":

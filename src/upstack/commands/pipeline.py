@@ -97,34 +97,35 @@ def _print_plan(recipe, rows, as_json: bool) -> None:
 
 
 def run_run(args) -> int:
-    from upstack.pipeline import load_recipe, plan_recipe, run_recipe
+    from upstack.pipeline import load_recipe, plan_recipe
 
     recipe = load_recipe(args.recipe, args.out, profile=args.profile)
     if args.dry_run:
         _print_plan(recipe, plan_recipe(recipe), args.json)
         return 0
-    summary = run_recipe(recipe, from_stage=args.from_stage, only=args.only, quiet=args.quiet,
-                         log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
-    if args.json:
-        print_json(summary)
-    else:
-        print(f"done: {recipe.run_dir / 'report.md'}")
-    return 0
+    return _execute(recipe, args, only=args.only)
 
 
-def run_demo(args) -> int:
-    from upstack.pipeline import load_recipe, run_recipe
+def _execute(recipe, args, only: str | None = None) -> int:
+    """Run a loaded recipe with the shared flags (--from, --quiet, --json) and say where the report is."""
+    from upstack.pipeline import run_recipe
 
-    name = "tiny-solar"
-    out = args.out or f"runs/{name}{'-quick' if args.quick else ''}"
-    recipe = load_recipe(builtin_recipe(f"{name}.yaml"), out, profile="quick" if args.quick else None)
-    summary = run_recipe(recipe, from_stage=args.from_stage, quiet=args.quiet,
+    summary = run_recipe(recipe, from_stage=args.from_stage, only=only, quiet=args.quiet,
                          log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
     if args.json:
         print_json(summary)
     else:
         print(f"done: {recipe.run_dir / 'report.md'} (and results.json beside it)")
     return 0
+
+
+def run_demo(args) -> int:
+    from upstack.pipeline import load_recipe
+
+    name = "tiny-solar"
+    out = args.out or f"runs/{name}{'-quick' if args.quick else ''}"
+    recipe = load_recipe(builtin_recipe(f"{name}.yaml"), out, profile="quick" if args.quick else None)
+    return _execute(recipe, args)
 
 
 def run_report(args) -> int:
