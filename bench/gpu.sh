@@ -14,11 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-python - <<'PY'
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+"$PY" - <<'PY'
 import sys, torch
 if not torch.cuda.is_available():
     sys.exit("bench/gpu.sh: no CUDA GPU is visible (use bench/train.py for the CPU benchmark)")
 p = torch.cuda.get_device_properties(0)
 print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")
 PY
-exec python bench/train.py --preset gpu1b --steps "${STEPS:-20}" --rounds 1 --work "${WORK:-/tmp/upstack-bench}" "$@"
+exec "$PY" bench/train.py --preset gpu1b --steps "${STEPS:-20}" --rounds 1 --work "${WORK:-/tmp/upstack-bench}" "$@"

@@ -264,6 +264,8 @@ def run_worker(name: str, work: Path, preset: str, steps: int, threads: int | No
     else:
         result = worker_stage(work, preset, steps, name)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["threads"] = torch.get_num_threads()
     return result
 
@@ -330,12 +332,19 @@ def main() -> None:
         wanted = set(args.only.split(","))
         order = [w for w in order if w in wanted]
     results: dict[str, list[dict]] = {}
+    failed: list[str] = []
     for r in range(args.rounds):
         for name in order:
             print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
-            results.setdefault(name, []).append(call(["--worker", name, *base], env))
+            try:
+                results.setdefault(name, []).append(call(["--worker", name, *base], env))
+            except SystemExit as e:  # one broken path must not lose the others' numbers
+                print(e, file=sys.stderr, flush=True)
+                failed.append(name)
     # best of the rounds: the machine may be shared, and other load only ever slows a run down
     best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in results.items()}
+    if not best:
+        raise SystemExit("every benchmark path failed")
     plain = best.get("plain", {}).get("tokens_per_s")
     device, peak = ("cpu", None)
     if args.preset != "cpu10m":
@@ -348,33 +357,36 @@ def main() -> None:
         r = best[name]
         ratio = r["tokens_per_s"] / plain if plain else None
         mfu = r["tokens_per_s"] * fpt / peak if peak else None
-        rows.append((name, r["tokens_per_s"], ratio, r["peak_rss_mb"], mfu))
+        rows.append((name, r["tokens_per_s"], ratio, r["peak_rss_mb"], mfu, r.get("peak_gpu_mb")))
     print(f"\n{info['parameters'] / 1e6:.1f}M-parameter Llama, seq {spec['seq']}, batch {spec['batch']}, "
           f"{spec['dtype']}, {args.steps} steps, best of {args.rounds}, device {device}, "
-          f"threads {best[order[0]]['threads']}")
-    print(f"{'path':10} {'tokens/s':>10} {'vs plain':>9} {'peak RSS':>10} {'MFU':>6}")
-    for name, tps, ratio, rss, mfu in rows:
+          f"threads {next(iter(best.values()))['threads']}")
+    print(f"{'path':10} {'tokens/s':>10} {'vs plain':>9} {'peak RSS':>10} {'MFU':>6} {'peak GPU mem':>13}")
+    for name, tps, ratio, rss, mfu, gpu in rows:
         print(f"{name:10} {tps:10,.0f} {f'{ratio:.2f}x' if ratio else '-':>9} {rss:8,.0f} MB "
-              f"{f'{mfu:.1%}' if mfu else '-':>6}")
+              f"{f'{mfu:.1%}' if mfu else '-':>6} {f'{gpu:,.0f} MiB' if gpu else '-':>13}")
+    if failed:
+        print("failed paths: " + ", ".join(failed))
     for name, runs in results.items():
         if len(runs) > 1:
             print(f"{name} runs: " + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs) + " tokens/s")
     if not args.no_record:
-        record(rows, info, spec, args, device, results)
+        record(rows, info, spec, args, device, results, failed)
 
 
-def record(rows, info, spec, args, device, results) -> None:
+def record(rows, info, spec, args, device, results, failed) -> None:
     def status(name, ratio):
         target = {"pretrain": 0.9, "sft": 0.9, "dpo": 0.7, "dpo-ref": 0.7}.get(name)
         return "" if target is None or ratio is None else (" (ok)" if ratio >= target else f" (< {target})")
 
     trl = next((t for n, t, *_ in rows if n == "trl-dpo"), None)
+    gpu = device != "cpu"
     lines = [
         "",
         f"## training throughput vs a plain PyTorch loop ({args.preset}) — {datetime.date.today()}, "
         f"{platform.machine()}, {os.cpu_count()} cores, {device}, python {platform.python_version()}",
         "",
-        f"`python bench/train.py --steps {args.steps} --rounds {args.rounds}"
+        f"`python bench/train.py --preset {args.preset} --steps {args.steps} --rounds {args.rounds}"
         f"{' --threads ' + str(args.threads) if args.threads else ''}`: "
         f"{info['parameters'] / 1e6:.1f}M-parameter Llama, seq {spec['seq']}, batch {spec['batch']} "
         f"(DPO: {spec['batch'] // 2} pairs), {spec['dtype']}; tokens/s = median per-step rate over steps 2..{args.steps}, "
@@ -382,16 +394,20 @@ def record(rows, info, spec, args, device, results) -> None:
         f"best of {args.rounds} interleaved rounds per path. Targets: pretrain, sft >= 0.9x; "
         "dpo >= 0.7x and >= TRL's DPOTrainer.",
         "",
-        "| path | tokens/s | vs plain | peak RSS |" + (" MFU |" if device != "cpu" else ""),
-        "|---|---|---|---|" + ("---|" if device != "cpu" else ""),
+        "| path | tokens/s | vs plain | peak RSS |" + (" MFU | peak GPU memory |" if gpu else ""),
+        "|---|---|---|---|" + ("---|---|" if gpu else ""),
     ]
-    for name, tps, ratio, rss, mfu in rows:
+    for name, tps, ratio, rss, mfu, gmem in rows:
         extra = ""
         if name.startswith("dpo") and trl:
             extra = f", {tps / trl:.2f}x TRL"
-        mfu_col = f" {mfu:.1%} |" if device != "cpu" and mfu else (" - |" if device != "cpu" else "")
+        mfu_col = ""
+        if gpu:
+            mfu_col = (f" {mfu:.1%} |" if mfu else " - |") + (f" {gmem:,.0f} MiB |" if gmem else " - |")
         lines.append(f"| {name} | {tps:,.0f} | {f'{ratio:.2f}x' if ratio else '-'}{status(name, ratio)}{extra} | "
                      f"{rss:,.0f} MB |{mfu_col}")
+    if failed:
+        lines.append(f"\nFailed (see the run's output): {', '.join(failed)}.")
     if args.rounds > 1:
         lines.append("\nAll runs (tokens/s; the machine is shared with other jobs, so the best run of each path is "
                      "used): " + "; ".join(f"{n} " + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs)
