@@ -147,7 +147,8 @@ def worker_plain(work: Path, preset: str, steps: int) -> dict:
     blocks = torch.tensor(np.asarray(ids[:len(ids) // seq * seq]).reshape(-1, seq))
     dev = _device()
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype).to(dev).train()
+    attn = {"attn_implementation": os.environ["BENCH_ATTN"]} if os.environ.get("BENCH_ATTN") else {}
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype, **attn).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for step in range(steps):
@@ -182,7 +183,7 @@ def worker_stage(work: Path, preset: str, steps: int, stage: str) -> dict:
     spec = PRESETS[preset]
     common = dict(model=str(work / "model"), out=str(work / f"out-{stage}"), max_steps=steps, save_steps=0,
                   logging_steps=1, tensorboard=False, progress=False, overwrite=True, learning_rate=1e-4,
-                  dtype=spec["dtype"], max_length=spec["seq"])
+                  dtype=spec["dtype"], max_length=spec["seq"], attn_implementation=os.environ.get("BENCH_ATTN") or None)
     if stage == "pretrain":
         from upstack.train.pretrain import PretrainConfig, pretrain
 
@@ -196,6 +197,11 @@ def worker_stage(work: Path, preset: str, steps: int, stage: str) -> dict:
         from upstack.train.dpo import DPOConfig, dpo
 
         common["max_length"] = spec["seq"] * 2
+        # Two untimed steps first, in this process: the reference scoring runs before step 1, so it would
+        # otherwise carry the one-off start-up costs (CUDA context, kernel selection) that every other path
+        # leaves out by skipping its first step.
+        dpo(DPOConfig(data=[f"{work / 'dpo.jsonl'}:format=preference"], batch_size=spec["batch"] // 2,
+                      precompute_ref=(stage == "dpo"), **{**common, "max_steps": 2, "out": common["out"] + "-warmup"}))
         s = dpo(DPOConfig(data=[f"{work / 'dpo.jsonl'}:format=preference"], batch_size=spec["batch"] // 2,
                           precompute_ref=(stage == "dpo"), **common))
     tps = _median(_stage_step_rates(Path(s["out"])))
@@ -306,6 +312,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: torch's default)")
     ap.add_argument("--only", help="comma-separated subset of plain,pretrain,sft,dpo,dpo-ref,trl-dpo")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "train"))
+    ap.add_argument("--attn", help="attention implementation for every path (sdpa, flex_attention, ...; "
+                                   "default: transformers' own choice)")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -320,6 +328,8 @@ def main() -> None:
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.attn:
+        env["BENCH_ATTN"] = args.attn
     base = ["--preset", args.preset, "--steps", str(args.steps), "--work", args.work]
     if args.threads:
         base += ["--threads", str(args.threads)]
@@ -359,12 +369,15 @@ def main() -> None:
         mfu = r["tokens_per_s"] * fpt / peak if peak else None
         rows.append((name, r["tokens_per_s"], ratio, r["peak_rss_mb"], mfu, r.get("peak_gpu_mb")))
     print(f"\n{info['parameters'] / 1e6:.1f}M-parameter Llama, seq {spec['seq']}, batch {spec['batch']}, "
-          f"{spec['dtype']}, {args.steps} steps, best of {args.rounds}, device {device}, "
+          f"{spec['dtype']}, {args.steps} steps, best of {args.rounds}, device {device}, attention {args.attn or 'default'}, "
           f"threads {next(iter(best.values()))['threads']}")
     print(f"{'path':10} {'tokens/s':>10} {'vs plain':>9} {'peak RSS':>10} {'MFU':>6} {'peak GPU mem':>13}")
     for name, tps, ratio, rss, mfu, gpu in rows:
         print(f"{name:10} {tps:10,.0f} {f'{ratio:.2f}x' if ratio else '-':>9} {rss:8,.0f} MB "
               f"{f'{mfu:.1%}' if mfu else '-':>6} {f'{gpu:,.0f} MiB' if gpu else '-':>13}")
+    if "dpo" in best and best["dpo"].get("ref_logps_seconds"):
+        print(f"dpo: {best['dpo']['steady_tokens_per_s']:,.0f} tokens/s in its steps, plus "
+              f"{best['dpo']['ref_logps_seconds']:.2f} s of reference scoring (charged above)")
     if failed:
         print("failed paths: " + ", ".join(failed))
     for name, runs in results.items():
@@ -387,7 +400,7 @@ def record(rows, info, spec, args, device, results, failed) -> None:
         f"{platform.machine()}, {os.cpu_count()} cores, {device}, python {platform.python_version()}",
         "",
         f"`python bench/train.py --preset {args.preset} --steps {args.steps} --rounds {args.rounds}"
-        f"{' --threads ' + str(args.threads) if args.threads else ''}`: "
+        f"{' --threads ' + str(args.threads) if args.threads else ''}{' --attn ' + args.attn if args.attn else ''}`: "
         f"{info['parameters'] / 1e6:.1f}M-parameter Llama, seq {spec['seq']}, batch {spec['batch']} "
         f"(DPO: {spec['batch'] // 2} pairs), {spec['dtype']}; tokens/s = median per-step rate over steps 2..{args.steps}, "
         "chosen + rejected for DPO; the precomputed reference scoring is charged to the dpo steps; "
