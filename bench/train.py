@@ -202,6 +202,8 @@ def worker_stage(work: Path, preset: str, steps: int, stage: str) -> dict:
         # leaves out by skipping its first step.
         dpo(DPOConfig(data=[f"{work / 'dpo.jsonl'}:format=preference"], batch_size=spec["batch"] // 2,
                       precompute_ref=(stage == "dpo"), **{**common, "max_steps": 2, "out": common["out"] + "-warmup"}))
+        if os.environ.get("BENCH_PROFILE") and stage == "dpo":
+            _profile_reference_scoring(Path(os.environ["BENCH_PROFILE"]))
         s = dpo(DPOConfig(data=[f"{work / 'dpo.jsonl'}:format=preference"], batch_size=spec["batch"] // 2,
                           precompute_ref=(stage == "dpo"), **common))
     tps = _median(_stage_step_rates(Path(s["out"])))
@@ -212,6 +214,34 @@ def worker_stage(work: Path, preset: str, steps: int, stage: str) -> dict:
         tps = per_step_tokens / (per_step_tokens / tps + s["ref_logps_seconds"] / s["steps"])
     return {"tokens_per_s": tps, "loss": s["final_loss"], "steady_tokens_per_s": steady,
             "ref_logps_seconds": s.get("ref_logps_seconds")}
+
+
+def _profile_reference_scoring(path: Path) -> None:
+    """Wrap dpo's reference scoring in torch.profiler; write the op tables to `path` (BENCH_PROFILE=FILE)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import upstack.train.dpo as dpo_module
+
+    inner = dpo_module._reference_logps
+
+    def profiled(*a, **kw):
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        t0 = time.perf_counter()
+        with profile(activities=acts, record_shapes=True) as prof:
+            out = inner(*a, **kw)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        ka = prof.key_averages()
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        path.write_text(f"reference scoring wall {wall:.3f} s (profiled)\n"
+                        + ka.table(sort_by=sort, row_limit=25) + "\n"
+                        + ka.table(sort_by="cpu_time_total", row_limit=25) + "\n"
+                        + prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=15))
+        return out
+
+    dpo_module._reference_logps = profiled
 
 
 def worker_trl_dpo(work: Path, preset: str, steps: int) -> dict:

@@ -72,8 +72,10 @@ def test_loss_formulas(loss_type, smooth):
         assert float(got[i]) == pytest.approx(want, rel=1e-5)
 
 
-def test_batch_loss_matches_an_independent_computation(model_dir):
-    """pair_loss on a padded batch == the DPO formula over log-probs summed token by token here."""
+@pytest.mark.parametrize("multiple", [1, 64])
+def test_batch_loss_matches_an_independent_computation(model_dir, multiple):
+    """pair_loss on a padded batch == the DPO formula over log-probs summed token by token here, also
+    with the width rounded up to a multiple (what CUDA runs do by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from upstack.train.common import collate_segments
@@ -89,7 +91,11 @@ def test_batch_loss_matches_an_independent_computation(model_dir):
              "rejected": [{"role": "assistant", "content": r}]} for q, c, r in PAIRS[:3]]
     enc, pairs, _ = encode_pairs(tok, rows, max_length=200)
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    batch = collate_segments([[enc.get(s)] for s in seqs], pad_id=3, reset_positions=False)
+    batch = collate_segments([[enc.get(s)] for s in seqs], pad_id=3, reset_positions=False,
+                             pad_to_multiple_of=multiple)
+    width = max(len(enc.get(s)[0]) for s in seqs)
+    assert batch["input_ids"].shape[1] == (64 if multiple == 64 else width)
+    assert batch["n_tokens"] == sum(len(enc.get(s)[0]) for s in seqs)  # padding is never counted
     batch["n_loss"] = len(pairs)
     beta = 0.1
     with torch.no_grad():

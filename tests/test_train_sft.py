@@ -147,6 +147,13 @@ def test_packed_examples_do_not_attend_to_each_other(model_dir, tok):
         got = forward_logits(model, packed)[0, len(a[0]):]
         want = forward_logits(model, alone)[0]
         assert torch.allclose(got, want, atol=1e-5)
+        # Rounded up to a multiple of 64 (the CUDA default), the padding is one more segment: same logits.
+        padded = collate_segments([[a, b]], pad_id=3, reset_positions=True, pad_to_multiple_of=64)
+        assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > len(a[0]) + len(b[0])
+        got = forward_logits(model, padded)[0, len(a[0]):len(a[0]) + len(b[0])]
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(padded["labels"][0, :len(a[0]) + len(b[0])], packed["labels"][0])
+        assert bool((padded["labels"][0, len(a[0]) + len(b[0]):] == -100).all())
         # Control: without position restarts the second example does see the first.
         leaky = collate_segments([[a, b]], pad_id=3, reset_positions=False)
         assert not torch.allclose(forward_logits(model, leaky)[0, len(a[0]):], want, atol=1e-3)
@@ -324,3 +331,21 @@ def test_resume_with_overwrite_continues_or_starts_over(model_dir, tmp_path):
                           learning_rate=1e-3))
     recs = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert not any(r["type"] == "resume" for r in recs) and summary["steps"] == 4
+
+
+def test_pad_multiple_defaults_to_64_on_cuda_only():
+    from types import SimpleNamespace
+
+    from upstack.train.common import Run, TrainConfig, check_config
+    from upstack.errors import ConfigError
+
+    def run(device, **kw):
+        return Run(cfg=TrainConfig(model="m", data=["x"], out="o", **kw), stage="sft",
+                   accelerator=SimpleNamespace(device=SimpleNamespace(type=device)), out=None, work=None)
+
+    assert run("cpu").pad_multiple == 1
+    assert run("cuda").pad_multiple == 64
+    assert run("cuda", pad_to_multiple_of=8).pad_multiple == 8
+    assert run("cpu", pad_to_multiple_of=16).pad_multiple == 16
+    with pytest.raises(ConfigError, match="pad_to_multiple_of"):
+        check_config(TrainConfig(model="m", data=["x"], out="o", pad_to_multiple_of=0))

@@ -68,6 +68,8 @@ def _add_common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--save-dtype", help="dtype of the saved model (default: the input's)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--attn-implementation", help="sdpa, eager, flash_attention_2, ... (default: transformers')")
+    p.add_argument("--pad-to-multiple-of", type=int, help="round batch widths up to a multiple of N "
+                   "(default: 64 on CUDA, where each new width costs kernel selection; 1 on CPU)")
     p.add_argument("--train-layers", help="all (default), new (blocks added by upscale --method interleave), "
                    "or indices and ranges such as 0-3,8")
     p.add_argument("--save-steps", type=int, help="resumable checkpoint every N steps (default 500; 0: only on Ctrl-C)")

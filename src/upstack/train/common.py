@@ -82,6 +82,7 @@ class TrainConfig:
     save_dtype: Optional[str] = None            # dtype of the saved model; None: the input checkpoint's
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None   # sdpa | eager | flash_attention_2 ...; None: transformers' default
+    pad_to_multiple_of: Optional[int] = None    # batch widths rounded up; None: 64 on CUDA, 1 elsewhere
     train_layers: Union[str, list[int]] = "all"  # all | new | "0-3,8" | [0, 1, 2]
     save_steps: int = 500                       # resumable checkpoint every N steps (0: only on Ctrl-C)
     save_total_limit: int = 2                   # resumable checkpoints kept
@@ -112,6 +113,8 @@ def check_config(cfg: TrainConfig) -> None:
             problems.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.logging_steps < 1:
         problems.append(f"logging_steps: must be >= 1, got {cfg.logging_steps}")
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
+        problems.append(f"pad_to_multiple_of: must be >= 1, got {cfg.pad_to_multiple_of}")
     for name in ("warmup_ratio", "min_lr_ratio"):
         if not 0 <= getattr(cfg, name) <= 1:
             problems.append(f"{name}: must be between 0 and 1, got {getattr(cfg, name)}")
@@ -423,7 +426,8 @@ def lm_loss(model, batch: dict):
 # ------------------------------------------------------------------------------------------------
 # Batches: rows made of segments (documents or examples), each with its own positions and labels
 
-def collate_segments(rows: list[list[tuple[Any, Any]]], pad_id: int, reset_positions: bool) -> dict:
+def collate_segments(rows: list[list[tuple[Any, Any]]], pad_id: int, reset_positions: bool,
+                     pad_to_multiple_of: int = 1) -> dict:
     """Rows of segments (token ids, label mask) -> a padded micro-batch of tensors.
 
     A label mask marks the tokens the model must learn to produce. Labels are shifted here: position t
@@ -432,12 +436,14 @@ def collate_segments(rows: list[list[tuple[Any, Any]]], pad_id: int, reset_posit
     segment and no 2D mask is passed, which transformers turns into attention that cannot cross
     segments (see supports_packed_positions); padding forms its own segment at the end of a row.
     Otherwise a 2D attention mask hides the padding and positions run through the row.
+    `pad_to_multiple_of` rounds the width up: on a GPU every new width costs kernel selection (cuDNN
+    attention builds a graph per shape), so fewer distinct widths run faster.
     """
     import numpy as np
     import torch
 
     lengths = [sum(len(ids) for ids, _ in row) for row in rows]
-    width = max(lengths)
+    width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
     n = len(rows)
     input_ids = np.full((n, width), pad_id, dtype=np.int64)
     labels = np.full((n, width), -100, dtype=np.int64)
@@ -648,6 +654,14 @@ class Run:
     @property
     def rank(self) -> int:
         return self.accelerator.process_index
+
+    @property
+    def pad_multiple(self) -> int:
+        """Batch width multiple: --pad-to-multiple-of, else 64 on CUDA (fewer shapes to select kernels
+        for) and 1 elsewhere (padding is only cost on a CPU)."""
+        if self.cfg.pad_to_multiple_of:
+            return self.cfg.pad_to_multiple_of
+        return 64 if getattr(self.accelerator.device, "type", "cpu") == "cuda" else 1
 
     def log(self, msg: str) -> None:
         if self.is_main:

@@ -246,7 +246,7 @@ def dpo(cfg: DPOConfig) -> dict:
         def make_collate(encoded, pair_list, split):
             def collate(idx, with_ref=True):
                 seqs = [pair_list[i][0] for i in idx] + [pair_list[i][1] for i in idx]
-                batch = collate_segments([[encoded.get(s)] for s in seqs], pad_id, False)
+                batch = collate_segments([[encoded.get(s)] for s in seqs], pad_id, False, run.pad_multiple)
                 batch["n_loss"] = len(idx)
                 if with_ref and ref_logps[split] is not None:
                     batch["ref_logps"] = ref_logps[split][idx]

@@ -122,10 +122,10 @@ def sft(cfg: SFTConfig) -> dict:
             items = [[k] for k in keep]
 
         def collate(idx: list[int]) -> dict:
-            return collate_segments([[enc.get(e) for e in items[i]] for i in idx], pad_id, reset)
+            return collate_segments([[enc.get(e) for e in items[i]] for i in idx], pad_id, reset, run.pad_multiple)
 
         def eval_collate(idx: list[int]) -> dict:
-            return collate_segments([[eval_enc.get(eval_keep[i])] for i in idx], pad_id, False)
+            return collate_segments([[eval_enc.get(eval_keep[i])] for i in idx], pad_id, False, run.pad_multiple)
 
         model, optimizer = prepare_model(run, model)
         task = Task(n_items=len(items), collate=collate, loss_fn=lm_loss, n_eval=len(eval_keep),
