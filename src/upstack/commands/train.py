@@ -38,6 +38,8 @@ def register(subparsers, common) -> None:
             p.add_argument("--beta", type=float, help="strength of the pull towards the reference (default 0.1)")
             p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], help="default sigmoid (DPO)")
             p.add_argument("--label-smoothing", type=float, help="sigmoid loss: share of flipped labels (default 0)")
+            p.add_argument("--rpo-alpha", type=float, help="add ALPHA x the chosen answers' per-token NLL to the "
+                           "loss (RPO; default 0 = plain DPO)")
             p.add_argument("--ref-model", metavar="DIR", help="reference model (default: MODEL itself)")
             p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=None,
                            help="score the reference once before training and free it (default: on)")

@@ -45,6 +45,7 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"          # sigmoid (DPO) | ipo | hinge
     label_smoothing: float = 0.0        # sigmoid only: assumed share of flipped preference labels
+    rpo_alpha: float = 0.0              # weight of the chosen answers' NLL added to the loss (RPO / IRPO)
     ref_model: Optional[str] = None     # None: the starting model
     precompute_ref: bool = True         # score the reference once before training, then free it
     template: str = "auto"              # as for sft
@@ -78,10 +79,13 @@ def sequence_logps(logits, labels):
 
 
 def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-              ref_model=None):
+              ref_model=None, rpo_alpha: float = 0.0):
     """(summed loss over the batch's pairs, summed statistics) for a collated pair batch: rows 0..n-1 are
     the chosen sequences, rows n..2n-1 the rejected ones; reference log-probs come from
-    batch["ref_logps"] ([n, 2], precomputed) or from `ref_model`."""
+    batch["ref_logps"] ([n, 2], precomputed) or from `ref_model`. With `rpo_alpha`, each pair's loss
+    also gets rpo_alpha * the chosen answer's mean per-token negative log-likelihood (RPO, as in Pang
+    et al. 2024, "Iterative Reasoning Preference Optimization"): it keeps DPO from lowering the
+    likelihood of the chosen answers along with the rejected ones."""
     import torch
 
     logps, n_tok = sequence_logps(*forward_scored(model, batch))
@@ -95,11 +99,14 @@ def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", la
         rc, rr = ref_lp[:n], ref_lp[n:]
     losses = dpo_losses(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                         chosen_tokens=n_tok[:n], rejected_tokens=n_tok[n:])
+    nll = -pc / n_tok[:n].clamp(min=1)
+    if rpo_alpha:
+        losses = losses + rpo_alpha * nll
     with torch.no_grad():
         chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
         stats = {"rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
                  "rewards/accuracy": (chosen_r > rejected_r).float().sum(),
-                 "logps/chosen": pc.sum(), "logps/rejected": pr.sum()}
+                 "logps/chosen": pc.sum(), "logps/rejected": pr.sum(), "nll/chosen": nll.sum()}
     return losses.sum(), stats
 
 
@@ -196,6 +203,8 @@ def dpo(cfg: DPOConfig) -> dict:
         problems.append(f"beta: must be > 0, got {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5:
         problems.append(f"label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
+    if not cfg.rpo_alpha >= 0:
+        problems.append(f"rpo_alpha: must be >= 0, got {cfg.rpo_alpha}")
     if cfg.label_smoothing and cfg.loss_type != "sigmoid":
         problems.append("label_smoothing applies to loss_type sigmoid only")
     if cfg.template not in TEMPLATES:
@@ -274,7 +283,7 @@ def dpo(cfg: DPOConfig) -> dict:
 
         def loss_fn(m, batch):
             return pair_loss(m, batch, beta=cfg.beta, loss_type=cfg.loss_type,
-                             label_smoothing=cfg.label_smoothing, ref_model=ref_model)
+                             label_smoothing=cfg.label_smoothing, ref_model=ref_model, rpo_alpha=cfg.rpo_alpha)
 
         task = Task(n_items=len(pairs), collate=collate, loss_fn=loss_fn, n_eval=len(eval_pairs),
                     eval_collate=eval_collate, derive=_margin)
