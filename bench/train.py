@@ -196,16 +196,15 @@ def worker_stage(work: Path, preset: str, steps: int, stage: str) -> dict:
     else:
         from upstack.train.dpo import DPOConfig, dpo
 
-        common["max_length"] = spec["seq"] * 2
+        common.update(max_length=spec["seq"] * 2, data=[f"{work / 'dpo.jsonl'}:format=preference"],
+                      batch_size=spec["batch"] // 2, precompute_ref=(stage == "dpo"))
         # Two untimed steps first, in this process: the reference scoring runs before step 1, so it would
         # otherwise carry the one-off start-up costs (CUDA context, kernel selection) that every other path
         # leaves out by skipping its first step.
-        dpo(DPOConfig(data=[f"{work / 'dpo.jsonl'}:format=preference"], batch_size=spec["batch"] // 2,
-                      precompute_ref=(stage == "dpo"), **{**common, "max_steps": 2, "out": common["out"] + "-warmup"}))
+        dpo(DPOConfig(**{**common, "max_steps": 2, "out": common["out"] + "-warmup"}))
         if os.environ.get("BENCH_PROFILE") and stage == "dpo":
             _profile_reference_scoring(Path(os.environ["BENCH_PROFILE"]))
-        s = dpo(DPOConfig(data=[f"{work / 'dpo.jsonl'}:format=preference"], batch_size=spec["batch"] // 2,
-                          precompute_ref=(stage == "dpo"), **common))
+        s = dpo(DPOConfig(**common))
     tps = _median(_stage_step_rates(Path(s["out"])))
     steady = tps
     if s.get("ref_logps_seconds"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -461,8 +462,9 @@ _WRITEBACK_WINDOW = 64 << 20    # start the disk write of every 64 MB as soon as
 _WRITEBACK_LAG = 4              # ... and wait for the data 4 windows back (bounded dirty memory)
 
 
-def _load_sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
+@functools.cache
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None; looked up on first use, not at import."""
     import ctypes
     import sys
 
@@ -477,7 +479,6 @@ def _load_sync_file_range():
     return fn
 
 
-_SYNC_FILE_RANGE = _load_sync_file_range()
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
 
@@ -493,14 +494,15 @@ class _WriteBehind:
 
     def advance(self, nbytes: int) -> None:
         self.pos += nbytes
-        if _SYNC_FILE_RANGE is None:
+        sfr = _sync_file_range()
+        if sfr is None:
             return
         while self.pos - self.started >= _WRITEBACK_WINDOW:
-            _SYNC_FILE_RANGE(self.fd, self.started, _WRITEBACK_WINDOW, _SFR_WRITE)
+            sfr(self.fd, self.started, _WRITEBACK_WINDOW, _SFR_WRITE)
             self.started += _WRITEBACK_WINDOW
             old = self.started - _WRITEBACK_LAG * _WRITEBACK_WINDOW
             if old >= 0:
-                _SYNC_FILE_RANGE(self.fd, old, _WRITEBACK_WINDOW, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+                sfr(self.fd, old, _WRITEBACK_WINDOW, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
 
     def close(self) -> None:
         os.fdatasync(self.fd)
@@ -526,7 +528,7 @@ def _copy_range(src_fd: int, offset: int, nbytes: int, dst_fd: int, wrote: Calla
             done += got
             wrote(got)
         else:
-            chunk = os.pread(src_fd, min(n, 64 << 20), offset + done)
+            chunk = os.pread(src_fd, n, offset + done)
             if not chunk:
                 raise CheckpointError("source file ended early while copying (was it modified during the write?)")
             _write_all(dst_fd, chunk)
