@@ -22,8 +22,9 @@ Appends the table to bench/RESULTS.md. `--preset gpu1b` runs a ~1.1B Llama (Tiny
 one GPU and adds model FLOPs utilisation (see bench/gpu.sh); `--preset smoke` checks those bf16 code paths
 on a 1M-parameter model in under a minute on any machine.
 
-usage: python bench/train.py [--steps 8] [--rounds 2] [--threads N] [--only plain,sft,...] [--preset cpu10m|gpu1b|smoke]
+usage: python bench/train.py [--steps 8] [--rounds 2] [--threads N] [--only plain,sft,...] [--preset cpu10m|gpu1b|smoke] [--attn IMPL]
                              [--work DIR] [--no-record]
+BENCH_PROFILE=FILE writes a torch.profiler table of the dpo path's reference scoring to FILE.
 """
 
 from __future__ import annotations
