@@ -105,7 +105,7 @@ def run(work: Path, layers: int, repeat: int, mergekit: str | None) -> list[dict
         # The disk's speed drifts by 3x or more within minutes on this shared VM, so each merge is paired with
         # the copy right after it, and the median paired ratio is reported (with the range), not the best.
         runs.sort(key=lambda r: r["ratio"])
-        best = dict(runs[len(runs) // 2], ratio_min=runs[0]["ratio"], ratio_max=runs[-1]["ratio"],
+        row = dict(runs[len(runs) // 2], ratio_min=runs[0]["ratio"], ratio_max=runs[-1]["ratio"],
                     rss=max(r["rss"] for r in runs))
         if mergekit:
             cfg = work / f"mergekit-{method}.yml"
@@ -116,13 +116,13 @@ def run(work: Path, layers: int, repeat: int, mergekit: str | None) -> list[dict
             t_mk, rss_mk = timed([mergekit, str(cfg), str(mk_out), "--clone-tensors", "--quiet"])
             t_copy = copy_time(out, copy)
             worst, frac = max_difference(out, mk_out)
-            best.update(mk_s=t_mk, mk_copy_s=t_copy, mk_ratio=t_mk / t_copy, mk_rss=rss_mk, diff=worst, diff_frac=frac)
+            row.update(mk_s=t_mk, mk_copy_s=t_copy, mk_ratio=t_mk / t_copy, mk_rss=rss_mk, diff=worst, diff_frac=frac)
             print(f"  {layers} layers {method}: mergekit {t_mk:.2f} s, cp -r {t_copy:.2f} s, ratio "
                   f"{t_mk / t_copy:.2f}x, peak RSS {rss_mk / 1e6:.0f} MB; max |upstack - mergekit| {worst:.3g} "
                   f"({frac:.2%} of elements differ)", flush=True)
             shutil.rmtree(mk_out, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-        rows.append(best)
+        rows.append(row)
     return rows
 
 
