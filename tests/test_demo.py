@@ -36,7 +36,7 @@ def test_demo_quick_outputs_load(demo_run):
         assert model.config.num_hidden_layers == expected, stage
     assert main(["verify", str(demo_run / "merge_slerp")]) == 0
     assert (demo_run / "report.md").is_file()
-    for png in ("plot_loss.png", "plot_eval_loss.png"):
+    for png in ("plot_loss.png", "plot_eval_loss.png", "plot_rewards_margin.png", "plot_rewards_accuracy.png"):
         assert (demo_run / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -50,15 +50,22 @@ def test_demo_quick_metrics_move(demo_run):
         assert 0.0 <= models[m]["gsm8k_local/exact_match,strict-match"] <= 1.0
     # SFT on the math set beats the base on its instruction task: it predicts held-out worked answers far better.
     assert models["sft_math"]["perplexity/math_heldout.jsonl"] < 0.8 * models["base"]["perplexity/math_heldout.jsonl"]
-    # DPO learns its preferences: reward accuracy and margin on the training pairs rise from step 1.
-    # (Held-out preference accuracy is reported as pref:*; at this scale it does not reliably rise, so it is
-    # not asserted: see the README's note on what the tiny scale can show.)
+    # DPO learns its preferences: reward accuracy and margin on the training pairs rise from step 1 ...
     dpo_rows = [json.loads(line) for line in (demo_run / "dpo" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in dpo_rows if r.get("type") == "train"]
-    assert train[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+    assert train[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)  # the reference is the starting policy
     late = train[len(train) // 2:]
     assert sum(r["rewards/margin"] for r in late) / len(late) > 0.0
-    assert 0.0 <= models["dpo"]["pref:arc_challenge_local/acc"] <= 1.0
+    # ... and it raises preference accuracy on held-out pairs (scored in the chat format, as DPO scores them).
+    # The robust part is the wrong-operation kind, which a 64-wide model can tell from the words next to the
+    # operator; telling a wrong sum from a right one needs arithmetic it does not have (see the README).
+    pref = "pref:preference/dpo_heldout.jsonl"
+    sft, dpo = models["sft_math"], models["dpo"]
+    # Measured over world seeds 0, 1, 2 (README): wrong-operation accuracy +0.29 / +0.17 / +0.12, all pairs
+    # +0.11 / +0.10 / +0.07, mean log-prob margin +3.0 / +1.3 / +0.5 nats; the thresholds sit below all three.
+    assert dpo[f"{pref}[operation]/accuracy"] >= sft[f"{pref}[operation]/accuracy"] + 0.08
+    assert dpo[f"{pref}/accuracy"] >= sft[f"{pref}/accuracy"] + 0.02
+    assert dpo[f"{pref}/margin"] > sft[f"{pref}/margin"] + 0.25
     # Training curves went down.
     for stage in ("base", "sft_math"):
         losses = [json.loads(line)["loss"] for line in (demo_run / stage / "metrics.jsonl").read_text().splitlines()

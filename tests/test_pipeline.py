@@ -133,3 +133,28 @@ def test_dry_run_plan(tmp_path, model, capsys):
     st = plan["stages"][0]
     assert st["stage"] == "upscale" and st["num_hidden_layers"] == 6 and not st["done"]
     assert not (tmp_path / "run").exists()
+
+
+def test_report_redraws_a_plot_only_when_its_curves_change(tmp_path):
+    import os
+
+    from upstack.report import write_report
+
+    stage = tmp_path / "dpo"
+    stage.mkdir()
+    (stage / "upstack_stage.json").write_text(json.dumps({"type": "dpo", "config": {}, "seconds": 1.0}))
+    rows = [{"type": "train", "step": s, "loss": 1.0 / s, "rewards/margin": 0.1 * s} for s in (1, 2, 3)]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    pngs = {n: tmp_path / f"plot_{n}.png" for n in ("loss", "rewards_margin")}
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs.values())
+    assert "![plot_rewards_margin.png](plot_rewards_margin.png)" in (tmp_path / "report.md").read_text()
+    for p in pngs.values():
+        os.utime(p, ns=(10**9, 10**9))
+    write_report(tmp_path)  # same curves: not drawn again
+    assert all(p.stat().st_mtime_ns == 10**9 for p in pngs.values())
+    with (stage / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"type": "train", "step": 4, "loss": 0.2}) + "\n")
+    write_report(tmp_path)  # the loss curve changed, the margin curve did not
+    assert pngs["loss"].stat().st_mtime_ns != 10**9
+    assert pngs["rewards_margin"].stat().st_mtime_ns == 10**9

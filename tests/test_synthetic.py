@@ -43,6 +43,22 @@ def _is_wrong(answer: str) -> bool:
         return True
 
 
+def _check_rejected_kind(r: dict) -> None:
+    """The rejected answer is wrong in exactly the way its kind says."""
+    chosen, rejected = r["chosen"].split("\n"), r["rejected"].split("\n")
+    ops = [re.findall(r" ([+\-*]) ", text) for text in (r["chosen"], r["rejected"])]
+    assert len(chosen) == len(rejected)
+    if r["kind"] == "final_line":  # every step right, the last line contradicts them
+        assert chosen[:-1] == rejected[:-1] and _is_wrong(r["rejected"])
+    elif r["kind"] == "slip":  # same operations, one result off
+        assert ops[0] == ops[1] and not _check_worked_answer(r["rejected"])
+    else:  # one step with another operation, every step computed correctly from there on
+        assert r["kind"] == "operation"
+        assert _check_worked_answer(r["rejected"])
+        flipped = [(a, b) for a, b in zip(ops[0], ops[1]) if a != b]
+        assert len(flipped) == 1 and flipped[0] in {("+", "-"), ("-", "+"), ("*", "+")}, r
+
+
 def _check_worked_answer(answer: str) -> int:
     """Every 'x op y = r.' line computes correctly and the answer ends with '#### r' of the last line."""
     lines = answer.split("\n")
@@ -98,11 +114,14 @@ def test_row_formats(world):
         assert set(r) == {"question", "answer"}
         assert _check_worked_answer(r["answer"])
     for name in ("dpo_math.jsonl", "eval/dpo_heldout.jsonl"):
-        for r in _jsonl(out / name):
-            assert set(r) == {"prompt", "chosen", "rejected"}
+        rows = _jsonl(out / name)
+        for r in rows:
+            assert set(r) == {"prompt", "chosen", "rejected", "kind"}
             assert _check_worked_answer(r["chosen"])
-            assert _is_wrong(r["rejected"])  # a step slips, or the final line contradicts the steps
             assert r["chosen"].split("####")[1] != r["rejected"].split("####")[1]
+            _check_rejected_kind(r)
+        counts = {k: sum(r["kind"] == k for r in rows) for k in synthetic.REJECTED_KINDS}
+        assert all(0.2 * len(rows) < c < 0.47 * len(rows) for c in counts.values()), (name, counts)
     for r in _jsonl(out / "eval/arc_challenge/test.jsonl"):
         assert set(r) == {"id", "question", "answerKey"}
         choices = r["question"]["choices"]

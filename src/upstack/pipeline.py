@@ -566,6 +566,8 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
         summary["stages"][st.name] = "ran"
         if report and main:
             _write_report(recipe)
+    if report and main and "ran" not in summary["stages"].values():
+        _write_report(recipe)  # nothing ran: the report still reflects this version's report format
     return summary
 
 

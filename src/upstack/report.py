@@ -45,6 +45,14 @@ def _flat_scores(results: dict) -> dict[str, float]:
     for path, v in (results.get("perplexity") or {}).items():
         if isinstance(v, dict) and isinstance(v.get("perplexity"), (int, float)):
             out[f"perplexity/{Path(path).name}"] = float(v["perplexity"])
+    for path, v in (results.get("preference") or {}).items():
+        if not isinstance(v, dict):
+            continue
+        parts = [("", v)] + [(f"[{g}]", q) for g, q in (v.get("groups") or {}).items() if isinstance(q, dict)]
+        for label, q in parts:
+            for k in ("accuracy", "margin", "reward_accuracy"):
+                if isinstance(q.get(k), (int, float)):
+                    out[f"preference/{Path(path).name}{label}/{k}"] = float(q[k])
     return out
 
 
@@ -108,37 +116,59 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _score_table(models: dict[str, dict], names: list[str]) -> list[str]:
+    """Markdown rows: a row per metric (those any of `names` has, sorted), a column per model."""
+    metrics = sorted({k for m in names for k in models.get(m, {})})
+    out = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for k in metrics:
+        out.append(f"| {k} | " + " | ".join(_fmt(models.get(m, {}).get(k)) for m in names) + " |")
+    return out
+
+
+PLOT_INDEX = ".plots.json"  # {png name: hash of the data plotted}: unchanged curves are not drawn again
+
+
 def _plot(run_dir: Path, curves: dict[str, list[dict]]) -> list[str]:
-    import matplotlib
+    """PNG curves of the keys `upstack pretrain/sft/dpo` log in metrics.jsonl (train rows; eval rows for
+    eval_loss). The report is rewritten after every stage; a plot whose data is unchanged is kept."""
+    import hashlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    panels = [("loss", "training loss"), ("eval_loss", "held-out loss"), ("rewards/margins", "DPO reward margin"),
-              ("reward_margin", "DPO reward margin"), ("rewards/accuracies", "DPO reward accuracy"),
-              ("reward_accuracy", "DPO reward accuracy")]
-    seen_titles = set()
+    panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
+              ("rewards/margin", "DPO reward margin (training batches)"),
+              ("rewards/accuracy", "DPO reward accuracy (training batches)")]
+    index = _read_json(run_dir / PLOT_INDEX) or {}
+    written, todo = [], []
     for key, title in panels:
         series = {s: [(r.get("step"), r[key]) for r in rows if key in r and r.get("step") is not None]
                   for s, rows in curves.items()}
         series = {s: v for s, v in series.items() if v}
-        if not series or title in seen_titles:
+        if not series:
             continue
-        seen_titles.add(title)
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        for s, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=s, marker="." if len(pts) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         fname = f"plot_{key.replace('/', '_')}.png"
-        fig.savefig(run_dir / fname, dpi=110)
-        plt.close(fig)
+        digest = hashlib.sha256(json.dumps([key, title, series], default=str).encode()).hexdigest()
         written.append(fname)
+        if index.get(fname) != digest or not (run_dir / fname).is_file():
+            todo.append((key, title, series, fname, digest))
+    if todo:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for key, title, series, fname, digest in todo:
+            fig, ax = plt.subplots(figsize=(6.5, 3.8))
+            for s, pts in series.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=s, marker="." if len(pts) < 30 else None)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(run_dir / fname, dpi=110)
+            plt.close(fig)
+            index[fname] = digest
+        (run_dir / PLOT_INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return written
 
 
@@ -155,30 +185,21 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
         desc = recipe.raw.get("description")
         if desc:
             lines += [str(desc).strip(), ""]
-    # Scores by model (stage order)
+    # Scores by model (stage order): a row per metric, a column per model
     models = data["models"]
     if models:
-        metrics = sorted({k for m in models.values() for k in m})
-        lines += ["## Scores by stage", "", "| model | " + " | ".join(metrics) + " |",
-                  "|---|" + "---|" * len(metrics)]
-        for model, vals in models.items():
-            lines.append(f"| {model} | " + " | ".join(_fmt(vals.get(k)) for k in metrics) + " |")
-        lines.append("")
+        lines += ["## Scores by stage", "", *_score_table(models, list(models)), ""]
     for comp in ((recipe.raw.get("report") or {}).get("comparisons", []) if recipe is not None else []):
-        title, cmodels = comp.get("title", "comparison"), comp.get("models", [])
-        metrics = sorted({k for m in cmodels for k in models.get(m, {})})
-        if not metrics:
+        title, cmodels = comp.get("title", "comparison"), [m for m in comp.get("models", []) if m in models]
+        if not any(models[m] for m in cmodels):
             continue
         lines += [f"## {title}", ""]
         if comp.get("note"):
             lines += [str(comp["note"]).strip(), ""]
-        lines += ["| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        for m in cmodels:
-            lines.append(f"| {m} | " + " | ".join(_fmt(models.get(m, {}).get(k)) for k in metrics) + " |")
-        lines.append("")
+        lines += [*_score_table(models, cmodels), ""]
     if data["final_metrics"]:
-        keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margins", "rewards/accuracies", "reward_margin",
-                "reward_accuracy", "tokens_per_s", "step"]
+        keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margin", "rewards/accuracy", "eval_rewards/margin",
+                "eval_rewards/accuracy", "tokens_per_s", "step"]
         present = [k for k in keys if any(k in v for v in data["final_metrics"].values())]
         lines += ["## Training (last logged values)", "", "| stage | " + " | ".join(present) + " |",
                   "|---|" + "---|" * len(present)]

@@ -27,6 +27,13 @@ Tasks (--tasks, comma-separated or repeated):
                      mmlu/, truthfulqa/, winogrande/, gsm8k/ (like ../shared/data); --task-file
                      TASK=PATH names one file (or an MMLU folder) instead.
 
+Preference accuracy (--preference FILE, repeatable): held-out (prompt, chosen, rejected) pairs in any
+format `upstack dpo` reads, rendered with the model's chat template as DPO renders them; reports the
+share of pairs whose chosen answer has the higher summed log-prob (accuracy; accuracy_per_token with
+per-token means), the mean log-prob margin, and with --preference-reference MODEL (e.g. the SFT model
+a DPO model started from) the DPO implicit-reward accuracy and margin; --preference-group FIELD breaks
+the metrics down by a field of the rows (the demo's pairs have `kind`: the kind of wrong answer).
+
 Results: a markdown table on stdout (--json: the results JSON); --output FILE writes the JSON and
 FILE.md. --compare A.json B.json ... prints several results side by side.
 
@@ -34,6 +41,8 @@ examples:
   upstack eval runs/tiny/merge --tasks h6 --data-dir ../shared/data --limit 20 --output runs/tiny/eval.json
   upstack eval runs/tiny/sft --tasks gsm8k_local,arc_challenge_local --task-file gsm8k_local=heldout.jsonl \\
       --task-file arc_challenge_local=arc_heldout.jsonl --perplexity heldout.txt
+  upstack eval runs/tiny/dpo --preference pairs_heldout.jsonl --preference-reference runs/tiny/sft \\
+      --preference-group kind
   upstack eval upstage/SOLAR-10.7B-v1.0 --tasks h6 --batch-size auto --output solar.json
   accelerate launch -m upstack.cli eval solar-out --tasks h6 --output h6.json    (data parallel)
   upstack eval solar-out --tasks h6 --backend vllm --model-args tensor_parallel_size=2
@@ -147,6 +156,15 @@ def register(sub, common) -> None:
     p.add_argument("--perplexity", action="append", metavar="FILE", help="text file or JSONL to score (repeatable)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text for --perplexity (default text)")
     p.add_argument("--stride", type=int, help="perplexity sliding-window stride in tokens (default: half the window)")
+    p.add_argument("--preference", action="append", metavar="FILE",
+                   help="preference pairs to score: chosen vs rejected log-prob accuracy (repeatable)")
+    p.add_argument("--preference-reference", metavar="MODEL",
+                   help="reference model for --preference: adds DPO implicit-reward accuracy and margin")
+    p.add_argument("--preference-group", metavar="FIELD",
+                   help="also report --preference metrics per value of this field of each row (e.g. kind)")
+    p.add_argument("--template", choices=["auto", "chat", "alpaca"], default="auto",
+                   help="how --preference renders pairs: the tokenizer's chat template (chat), the SOLAR "
+                        "'### User:' format (alpaca), or chat when the tokenizer has one (auto, default)")
     p.add_argument("--output", "-o", help="write results JSON here (and a markdown table next to it, .md)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -199,8 +217,8 @@ def run_eval(args) -> int:
     from upstack.evaluate.harness import EvalConfig, compare, compare_table, evaluate, markdown_table
 
     if args.compare:
-        if args.model or args.tasks or args.perplexity:
-            raise ConfigError("--compare takes only results files (no MODEL, --tasks or --perplexity)")
+        if args.model or args.tasks or args.perplexity or args.preference:
+            raise ConfigError("--compare takes only results files (no MODEL, --tasks, --perplexity or --preference)")
         cmp = compare(args.compare)
         print_json(cmp) if args.json else sys.stdout.write(compare_table(cmp))
         return 0
@@ -224,6 +242,8 @@ def run_eval(args) -> int:
         device=args.device, backend=args.backend, model_args=_model_args(args.model_args), dtype=args.dtype,
         max_length=args.max_length, max_gen_toks=args.max_gen_toks, apply_chat_template=args.apply_chat_template,
         seed=args.seed, perplexity=args.perplexity or [], text_field=args.text_field, stride=args.stride,
+        preference=args.preference or [], preference_reference=args.preference_reference,
+        preference_group=args.preference_group, template=args.template,
         output=args.output, quiet=args.quiet,
     )
     _quiet_harness(args.debug)

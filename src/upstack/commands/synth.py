@@ -17,10 +17,14 @@ files:
   pretrain.jsonl                 {"text"}: short documents stating facts about invented people, and arithmetic
   sft_math.jsonl, sft_facts.jsonl {"messages": [user, assistant]}: word problems (answers end '#### n'),
                                  questions about the facts
-  dpo_math.jsonl                 {"prompt", "chosen", "rejected"}: correct worked answer vs one with a slip
+  dpo_math.jsonl                 {"prompt", "chosen", "rejected", "kind"}: a correct worked answer vs a wrong one;
+                                 kind: final_line (careless last line), slip (one step's result
+                                 off), operation (one step with the wrong operation)
   eval/gsm8k/test.jsonl          {"question", "answer"}          (held out: other names and numbers)
   eval/arc_challenge/test.jsonl  ARC schema, 4 choices            (facts of people never asked about in training)
-  eval/dpo_heldout.jsonl         held-out preference pairs
+  eval/dpo_heldout.jsonl         held-out preference pairs (with "kind")
+  eval/preference/test.jsonl     the held-out pairs as a two-choice ARC-format task
+  eval/math_heldout.jsonl        held-out worked answers as text, for perplexity
   eval/heldout.txt               held-out text for perplexity, one document a line
   manifest.json                  seed, scale, row counts, sha256, vocabulary, disjointness check
   tokenizer/                     with --tokenizer-vocab N: a byte-level BPE trained on the training files

@@ -5,7 +5,8 @@ laptop CPU in minutes.
 The world has invented people with five attributes (town, favourite colour, pet, job, favourite food)
 and arithmetic on small numbers. The pretraining corpus states every fact in several phrasings;
 instruction tuning teaches two skills (answer a question about a fact; solve a 2-3 step word problem
-with a worked answer ending `#### n`); DPO pairs a correct worked answer against one with a slip.
+with a worked answer ending `#### n`); DPO pairs a correct worked answer against a wrong one (a careless
+final line, an arithmetic slip, or a wrong operation).
 Evaluation sets come from disjoint splits (people whose facts are only *stated* in the corpus, never
 asked about in training; word problems with other names and number tuples; arithmetic statements and
 people that never appear in training at all), and `generate_world` checks that no evaluation example
@@ -58,12 +59,12 @@ class WorldSize:
 SCALES: dict[str, WorldSize] = {
     # the whole demo chain trains in < 2 minutes on 2 CPU cores
     "quick": WorldSize(fact_train_people=64, fact_eval_people=32, heldout_people=16, math_train_names=40,
-                       math_eval_names=16, pretrain_docs=2000, sft_math=500, sft_facts=500, dpo_math=300,
-                       eval_gsm8k=100, eval_arc=100, eval_dpo=100, heldout_docs=100),
+                       math_eval_names=16, pretrain_docs=2000, sft_math=500, sft_facts=500, dpo_math=600,
+                       eval_gsm8k=100, eval_arc=100, eval_dpo=300, heldout_docs=100),
     # the 10-minute demo
     "default": WorldSize(fact_train_people=140, fact_eval_people=60, heldout_people=40, math_train_names=60,
                          math_eval_names=24, pretrain_docs=8000, sft_math=2000, sft_facts=2000, dpo_math=1200,
-                         eval_gsm8k=250, eval_arc=250, eval_dpo=200, heldout_docs=300),
+                         eval_gsm8k=250, eval_arc=250, eval_dpo=300, heldout_docs=300),
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ _TEMPLATES = (
               ((2, 40), (2, 30))),
 )
 _SLIPS = (-10, -2, -1, 1, 2, 10)
+_FLIPS = {"+": "-", "-": "+", "*": "+"}  # the wrong operation a careless solver uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +209,12 @@ class MathProblem:
     def question(self) -> str:
         return _TEMPLATE_BY_NAME[self.template].question.format(**self._fields())
 
-    def solve(self, slip: tuple[int, int] | None = None) -> tuple[str, list[int]]:
+    def solve(self, slip: tuple[int, int] | None = None,
+              flip: tuple[int, str] | None = None) -> tuple[str, list[int]]:
         """The worked answer ('desc: x op y = r.' lines, then '#### n') and its step results.
 
-        `slip=(step, delta)` makes that step's result off by `delta`; later steps use the wrong value.
+        `slip=(step, delta)` makes that step's result off by `delta`; `flip=(step, op)` does that step
+        with the wrong operation (correctly computed); later steps use the wrong value.
         """
         t = _TEMPLATE_BY_NAME[self.template]
         fields = self._fields()
@@ -218,6 +222,8 @@ class MathProblem:
         lines, results = [], []
         for i, (desc, left, op, right) in enumerate(t.steps):
             x, y = vals[left], vals[right]
+            if flip and flip[0] == i:
+                op = flip[1]
             r = _apply(x, op, y) + (slip[1] if slip and slip[0] == i else 0)
             vals[f"r{i + 1}"] = r
             results.append(r)
@@ -256,22 +262,41 @@ def _sample_problems(rng: random.Random, names: list[str], count: int, exclude: 
     return out
 
 
-def _rejected_answer(rng: random.Random, p: MathProblem) -> str:
-    """A plausible wrong worked answer, half of each kind:
+REJECTED_KINDS = ("final_line", "slip", "operation")
+
+
+def _rejected_answer(rng: random.Random, p: MathProblem) -> tuple[str, str]:
+    """A plausible wrong worked answer and its kind (REJECTED_KINDS), a third of each:
+    - a careless final line: every step is right but `#### n` does not match the last result;
     - an arithmetic slip: one step's result is off, the later steps follow from it;
-    - a careless final line: every step is right but `#### n` does not match the last result.
+    - a wrong operation: one step adds where it should subtract (or the reverse, or adds instead of
+      multiplying), computed correctly, and the later steps follow from it.
     """
     steps = len(_TEMPLATE_BY_NAME[p.template].steps)
     correct = p.final()
-    if rng.random() < 0.5:
+    kind = rng.random()
+    if kind < 1 / 3:
         delta = rng.choice([d for d in _SLIPS if correct + d >= 0])
         text = p.answer()
-        return text[: text.rindex("#### ")] + f"#### {correct + delta}"
-    while True:
+        return text[: text.rindex("#### ")] + f"#### {correct + delta}", "final_line"
+    if kind >= 2 / 3:
+        order = list(range(steps))
+        rng.shuffle(order)
+        for i in order:  # at most one try per step; a flip that goes negative or changes nothing is skipped
+            text, results = p.solve(flip=(i, _FLIPS[_TEMPLATE_BY_NAME[p.template].steps[i][2]]))
+            if min(results) >= 0 and results[-1] != correct:
+                return text, "operation"
+    for _ in range(100):  # a slip of +1, +2 or +10 always qualifies; the cap only guards against a bug
         slip = (rng.randrange(steps), rng.choice(_SLIPS))
         text, results = p.solve(slip)
         if min(results) >= 0 and results[-1] != correct:
-            return text
+            return text, "slip"
+    raise AssertionError(f"no wrong answer found for {p}")
+
+
+def _pair(rng: random.Random, p: MathProblem) -> dict:
+    rejected, kind = _rejected_answer(rng, p)
+    return {"prompt": p.question(), "chosen": p.answer(), "rejected": rejected, "kind": kind}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,8 +442,7 @@ def build_world(seed: int = 0, scale: str = "default") -> dict[str, list]:
     sft_math = _sample_problems(rng, math_train_names, size.sft_math, set(eval_keys))
     dpo_math = _sample_problems(rng, math_train_names, size.dpo_math, set(eval_keys))
     rows["sft_math.jsonl"] = [_chat(p.question(), p.answer()) for p in sft_math]
-    rows["dpo_math.jsonl"] = [{"prompt": p.question(), "chosen": p.answer(), "rejected": _rejected_answer(rng, p)}
-                              for p in dpo_math]
+    rows["dpo_math.jsonl"] = [_pair(rng, p) for p in dpo_math]
 
     rows["eval/gsm8k/test.jsonl"] = [{"question": p.question(), "answer": p.answer()} for p in eval_math]
     facts = [(p, a) for p in fact_eval for a in ATTRIBUTES]
@@ -427,8 +451,7 @@ def build_world(seed: int = 0, scale: str = "default") -> dict[str, list]:
     rows["eval/arc_challenge/test.jsonl"] = [
         _arc_item(rng, i, p, a, rng.randrange(len(QUESTIONS[a])))
         for i, (p, a) in enumerate(rng.sample(facts, size.eval_arc))]
-    rows["eval/dpo_heldout.jsonl"] = [
-        {"prompt": p.question(), "chosen": p.answer(), "rejected": _rejected_answer(rng, p)} for p in eval_dpo]
+    rows["eval/dpo_heldout.jsonl"] = [_pair(rng, p) for p in eval_dpo]
     rows["eval/heldout.txt"] = _documents(rng, heldout_people, heldout_triples, size.heldout_docs)
     # Held-out worked answers as text, for perplexity: how well a model predicts the answer style it is taught.
     rows["eval/math_heldout.jsonl"] = [{"text": p.question() + "\n" + p.answer()} for p in eval_math]
@@ -524,9 +547,10 @@ def generate_world(out_dir: str | Path, seed: int = 0, scale: str = "default", *
     """Write the synthetic world to `out_dir` (atomically) and return its manifest.
 
     Files: pretrain.jsonl {"text"}; sft_math.jsonl, sft_facts.jsonl {"messages": [user, assistant]};
-    dpo_math.jsonl {"prompt", "chosen", "rejected"}; eval/gsm8k/test.jsonl {"question", "answer"};
-    eval/arc_challenge/test.jsonl (ARC schema); eval/dpo_heldout.jsonl; eval/heldout.txt (one document
-    a line); manifest.json. With `tokenizer_vocab_size`, also tokenizer/ (a byte-level BPE trained on
+    dpo_math.jsonl {"prompt", "chosen", "rejected", "kind"}; eval/gsm8k/test.jsonl {"question", "answer"};
+    eval/arc_challenge/test.jsonl (ARC schema); eval/dpo_heldout.jsonl (with "kind", like
+    dpo_math.jsonl); eval/preference/test.jsonl (the pairs as a two-choice ARC
+    task); eval/heldout.txt (one document a line); eval/math_heldout.jsonl; manifest.json. With `tokenizer_vocab_size`, also tokenizer/ (a byte-level BPE trained on
     the training files; see `upstack.data.tokenizer`). Raises RuntimeError if the held-out sets
     overlap training (a bug in the generator, never expected).
     """

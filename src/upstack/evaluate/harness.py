@@ -108,6 +108,10 @@ class EvalConfig:
     perplexity: list[str] = field(default_factory=list)  # text/JSONL files to score with a sliding window
     text_field: str = "text"
     stride: int | None = None
+    preference: list[str] = field(default_factory=list)  # (prompt, chosen, rejected) files: preference accuracy
+    preference_reference: str | None = None  # model whose log-probs give the DPO implicit reward (e.g. the SFT model)
+    preference_group: str | None = None  # row field to break preference metrics down by (e.g. kind)
+    template: str = "auto"  # chat template for --preference: auto | chat | alpaca (as for sft/dpo)
     output: str | None = None  # results JSON (a markdown table is written next to it, .md)
     quiet: bool = False  # no progress bars or info logs from lm-eval
 
@@ -462,6 +466,14 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
+PREFERENCE_METRICS = ("accuracy", "margin", "reward_accuracy")  # shown in tables; results JSON has them all
+
+
+def _preference_rows(name: str, p: dict) -> list[tuple[str, dict]]:
+    """Table rows of one preference result: the whole file, then each group."""
+    return [(f"pref: {name}", p)] + [(f"pref: {name} [{g}]", q) for g, q in (p.get("groups") or {}).items()]
+
+
 def markdown_table(out: dict) -> str:
     """A markdown table of one results dict: requested tasks (groups, not their subtasks), H6, perplexity."""
     lines = [f"Model: `{out.get('model')}`  ", f"Date: {out.get('date')}", "",
@@ -484,6 +496,11 @@ def markdown_table(out: dict) -> str:
         lines.append(f"| **H6** | mean of 6 | **{_fmt(out['h6']['score'])}** | | | |")
     for path, p in out.get("perplexity", {}).items():
         lines.append(f"| ppl: {Path(path).name} | perplexity | {p['perplexity']:.4f} | | {p['documents']} | |")
+    for path, p in out.get("preference", {}).items():
+        for label, q in _preference_rows(Path(path).name, p):
+            for m in PREFERENCE_METRICS:
+                if m in q:
+                    lines.append(f"| {label} | {m} | {q[m]:.4f} | | {q['scored']} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -522,6 +539,16 @@ def compare(files: list[str]) -> dict:
     for p in ppl_files:
         rows.append({"task": f"ppl: {Path(p).name}", "metric": "perplexity",
                      "values": [r.get("perplexity", {}).get(p, {}).get("perplexity") for r in runs]})
+    pref_rows: dict[str, list] = {}
+    for i, r in enumerate(runs):
+        for path, p in r.get("preference", {}).items():
+            for label, q in _preference_rows(Path(path).name, p):
+                pref_rows.setdefault(label, [None] * len(runs))[i] = q
+    for label, per_run in pref_rows.items():
+        for m in PREFERENCE_METRICS:
+            values = [q.get(m) if q else None for q in per_run]
+            if any(v is not None for v in values):
+                rows.append({"task": label, "metric": m, "values": values})
     return {"columns": labels, "files": list(files), "rows": rows}
 
 
@@ -558,8 +585,8 @@ def _versions() -> dict:
 
 # ------------------------------------------------------------------------------------- stage
 def _validate(cfg: EvalConfig, names: list[str]) -> None:
-    if not names and not cfg.perplexity:
-        raise ConfigError("nothing to do: give --tasks (e.g. h6) and/or --perplexity FILE")
+    if not names and not cfg.perplexity and not cfg.preference:
+        raise ConfigError("nothing to do: give --tasks (e.g. h6), --perplexity FILE and/or --preference FILE")
     for k in cfg.task_files:
         if k not in LOCAL_TASKS:
             raise ConfigError(f"--task-file {k}=...: {k} is not a local task (local tasks: {', '.join(LOCAL_TASKS)})")
@@ -577,6 +604,17 @@ def _validate(cfg: EvalConfig, names: list[str]) -> None:
     for f in cfg.perplexity:
         if not Path(f).is_file():
             raise DataError(f"--perplexity {f}: file not found")
+    for f in cfg.preference:
+        if not Path(f).is_file():
+            raise DataError(f"--preference {f}: file not found")
+    if (cfg.preference_reference or cfg.preference_group) and not cfg.preference:
+        raise ConfigError("--preference-reference and --preference-group need --preference FILE")
+    if cfg.preference_reference:
+        check_model_path(cfg.preference_reference, "--preference-reference")
+    from upstack.train.chat import TEMPLATES
+
+    if cfg.template not in TEMPLATES:
+        raise ConfigError(f"--template {cfg.template!r}: not one of {', '.join(TEMPLATES)}")
     if cfg.backend == "vllm":
         import importlib.util
 
@@ -586,10 +624,12 @@ def _validate(cfg: EvalConfig, names: list[str]) -> None:
 
 
 class _DropCustomDatasetNote(logging.Filter):
-    """lm-eval warns, for every task with a `custom_dataset`, how to pass it kwargs; ours are handled."""
+    """lm-eval warns, for every task with a `custom_dataset`, how to pass it kwargs (ours are handled), and
+    whenever generation settings come "through cli" (ours: the max_gen_toks budget, chosen on purpose)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+        msg = record.getMessage()
+        return "Custom kwargs can be passed" not in msg and "specified through cli" not in msg
 
 
 class _CountTruncations(logging.Filter):
@@ -614,18 +654,20 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     Results (stable keys, see docs/evaluation.md): format, model, date, config, tasks, results
     {task: {metric: value, metric_stderr: value}}, groups, n_samples, num_fewshot, data_files, h6,
-    perplexity, versions. Under `accelerate launch`, only the main process returns results ({} elsewhere).
+    perplexity, preference, versions. Under `accelerate launch`, only the main process returns results ({} elsewhere).
     """
     names = expand_tasks(cfg)
     _validate(cfg, names)
     logging.getLogger("lm_eval.api.task").addFilter(_NOTE_FILTER)
+    logging.getLogger("lm_eval.evaluator").addFilter(_NOTE_FILTER)
     logging.getLogger("lm_eval.models.huggingface").addFilter(_TRUNCATIONS)
     _TRUNCATIONS.count = 0
     check_model_path(cfg.model)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     out: dict[str, Any] = {"format": RESULTS_FORMAT, "model": cfg.model, "date": started,
                            "config": dataclasses.asdict(cfg), "tasks": names, "results": {}, "groups": {},
-                           "n_samples": {}, "num_fewshot": {}, "data_files": {}, "h6": None, "perplexity": {}}
+                           "n_samples": {}, "num_fewshot": {}, "data_files": {}, "h6": None, "perplexity": {},
+                           "preference": {}}
     lm = None
     if names:
         with tempfile.TemporaryDirectory(prefix="upstack-tasks-") as tmp:
@@ -645,16 +687,36 @@ def evaluate(cfg: EvalConfig) -> dict:
             log.warning("%d prompts were longer than the model's context and were truncated from the left "
                         "(fewer few-shot examples with --num-fewshot, or a longer --max-length if the model allows)",
                         _TRUNCATIONS.count)
+    hf = getattr(lm, "model", None) if cfg.backend == "hf" and lm is not None else None
+    model, tokenizer = (hf, getattr(lm, "tokenizer", None)) if hf is not None else (cfg.model, None)
+    if (cfg.perplexity or cfg.preference) and hf is None:
+        from upstack.evaluate.perplexity import load_model
+
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1
+    limit = int(cfg.limit) if cfg.limit and cfg.limit >= 1 else None
     if cfg.perplexity:
         from upstack.evaluate.perplexity import perplexity
 
-        hf = getattr(lm, "model", None) if cfg.backend == "hf" and lm is not None else None
         for f in cfg.perplexity:
-            out["perplexity"][f] = perplexity(
-                hf if hf is not None else cfg.model, f, tokenizer=getattr(lm, "tokenizer", None) if hf is not None else None,
-                text_field=cfg.text_field, max_length=cfg.max_length, stride=cfg.stride,
-                batch_size=cfg.batch_size if isinstance(cfg.batch_size, int) else 1,
-                device=cfg.device, dtype=cfg.dtype, limit=int(cfg.limit) if cfg.limit and cfg.limit >= 1 else None)
+            out["perplexity"][f] = perplexity(model, f, tokenizer=tokenizer, text_field=cfg.text_field,
+                                              max_length=cfg.max_length, stride=cfg.stride, batch_size=batch,
+                                              limit=limit)
+    if cfg.preference:
+        from upstack.evaluate.perplexity import load_model
+        from upstack.evaluate.preference import preference
+
+        ref = ref_tok = None
+        if cfg.preference_reference:
+            ref, ref_tok = load_model(cfg.preference_reference, device=cfg.device, dtype=cfg.dtype,
+                                      what="reference model")
+        for f in cfg.preference:
+            out["preference"][f] = preference(model, f, tokenizer=tokenizer, reference=ref, reference_tokenizer=ref_tok,
+                                              template=cfg.template, max_length=cfg.max_length,
+                                              batch_size=max(batch, 2), limit=limit,
+                                              group_field=cfg.preference_group)
+            if ref is not None:
+                out["preference"][f]["reference"] = cfg.preference_reference
     out["h6"] = h6_score(out["results"])
     out["versions"] = _versions()
     if cfg.output:

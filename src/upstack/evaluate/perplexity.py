@@ -136,7 +136,7 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
 
     items = []
     for i, text in enumerate(texts):
-        ids = tokenizer(text)["input_ids"]
+        ids = tokenizer(text, verbose=False)["input_ids"]  # long documents are windowed below: no length warning
         check_ids(ids, model, f"{file}: document {i + 1}")
         if len(ids) >= 2:
             items += windows(ids, window, stride)
