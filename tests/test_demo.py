@@ -71,5 +71,13 @@ def test_demo_quick_metrics_move(demo_run):
         losses = [json.loads(line)["loss"] for line in (demo_run / stage / "metrics.jsonl").read_text().splitlines()
                   if '"loss"' in line and '"type": "train"' in line]
         assert losses[-1] < losses[0], stage
+    # The held-out sets share no n-gram with the training files: decontaminate removed nothing, and training
+    # read its kept rows.
+    for stage in ("decontaminate_math", "decontaminate_facts", "decontaminate_pairs"):
+        res = results["stages"][stage]["result"]
+        assert res["rows"] > 0 and res["removed"] == 0 and res["kept"] == res["rows"], stage
+    sft_cfg = json.loads((demo_run / "sft_math" / "upstack_stage.json").read_text())["config"]
+    assert any(d.endswith("decontaminate_math/clean.jsonl") for d in sft_cfg["data"])
     report = (demo_run / "report.md").read_text()
+    assert "## Decontamination" in report
     assert "Depth up-scaling at equal extra training tokens" in report and "| 6-11 | 2-7 |" in report

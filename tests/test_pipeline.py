@@ -158,3 +158,50 @@ def test_report_redraws_a_plot_only_when_its_curves_change(tmp_path):
     write_report(tmp_path)  # the loss curve changed, the margin curve did not
     assert pngs["loss"].stat().st_mtime_ns != 10**9
     assert pngs["rewards_margin"].stat().st_mtime_ns == 10**9
+
+
+def test_named_benchmark_paths_decontaminate_chain_and_dry_run_status(tmp_path, capsys):
+    """`NAME=<stage>/...` options resolve (and make a dependency); a decontaminate stage's kept rows feed a
+    later stage and its counts reach report.md; --dry-run marks the stages after a pending one pending."""
+    src = tmp_path / "src"
+    src.mkdir()
+    bench = "the quick brown fox jumps over the lazy dog near the river bank at dawn"
+    (src / "bench.jsonl").write_text(json.dumps({"question": bench, "answer": "yes"}) + "\n")
+    (src / "train.jsonl").write_text(json.dumps({"text": "an unrelated row about merging models"}) + "\n"
+                                     + json.dumps({"text": "copied: " + bench}) + "\n")
+    p = write(tmp_path, f"""\
+name: decon
+stages:
+  copy:
+    type: decontaminate
+    data: {src / 'bench.jsonl'}
+    against: [{src / 'train.jsonl'}]
+    ngram: 40
+  clean:
+    type: decontaminate
+    data: {src / 'train.jsonl'}
+    against: [mybench=copy/clean.jsonl]
+  again:
+    type: decontaminate
+    data: clean/clean.jsonl
+    against: [mybench=copy/clean.jsonl]
+""")
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(p, run_dir)
+    assert recipe.stages["clean"].deps == ["copy"]
+    assert recipe.stages["clean"].resolved["against"] == [f"mybench={run_dir / 'copy' / 'clean.jsonl'}"]
+    assert run_recipe(recipe, quiet=True, log=lambda m: None)["stages"] == {
+        "copy": "ran", "clean": "ran", "again": "ran"}
+    kept = [json.loads(x)["text"] for x in (run_dir / "clean" / "clean.jsonl").read_text().splitlines()]
+    assert kept == ["an unrelated row about merging models"]
+    again = json.loads((run_dir / "again" / MARKER).read_text())["result"]
+    assert again["rows"] == 1 and again["removed"] == 0
+    report = (run_dir / "report.md").read_text()
+    assert "## Decontamination" in report
+    assert "| clean | train.jsonl | 13 | 2 | 1 | mybench: 1 / 1 |" in report
+    # change the first stage: --dry-run shows it and everything after it as to run
+    p.write_text(p.read_text().replace("ngram: 40", "ngram: 30"))
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(run_dir), "--dry-run", "--json"]) == 0
+    plan = {s["stage"]: s["done"] for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert plan == {"copy": False, "clean": False, "again": False}

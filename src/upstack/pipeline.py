@@ -13,8 +13,8 @@ A recipe:
       tasks: gsm8k_local
 
 Any string option equal to a stage name, or starting with `<stage>/`, refers to that stage's output
-folder (and makes the stage depend on it). The pipeline fills each stage's output option (`out`, or
-`output` for eval) with runs/<name>/<stage>/ and builds the stage's own typed config from the options,
+folder (and makes the stage depend on it); so does the PATH of a `NAME=PATH` option (benchmarks). The
+pipeline fills each stage's output option (`out`, or `output` for eval) with runs/<name>/<stage>/ and builds the stage's own typed config from the options,
 exactly as the CLI does. Stages know nothing of recipes.
 """
 
@@ -128,8 +128,17 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _split_named(value: str) -> tuple[str, str]:
+    """'NAME=PATH' (benchmark options) -> ('NAME=', 'PATH'); anything else -> ('', value)."""
+    name, sep, rest = value.partition("=")
+    if sep and name and "/" not in name and rest:
+        return name + sep, rest
+    return "", value
+
+
 def _refs(value: Any, names: set[str]) -> set[str]:
     if isinstance(value, str):
+        value = _split_named(value)[1]
         head = value.split("/", 1)[0]
         return {head} if head in names and (value == head or "/" in value) else set()
     if isinstance(value, list):
@@ -141,9 +150,10 @@ def _refs(value: Any, names: set[str]) -> set[str]:
 
 def _resolve(value: Any, folders: dict[str, Path]) -> Any:
     if isinstance(value, str):
-        head, _, rest = value.partition("/")
+        label, path = _split_named(value)
+        head, _, rest = path.partition("/")
         if head in folders:
-            return str(folders[head] / rest) if rest else str(folders[head])
+            return label + (str(folders[head] / rest) if rest else str(folders[head]))
         return value
     if isinstance(value, list):
         return [_resolve(v, folders) for v in value]
@@ -487,15 +497,20 @@ def plan_recipe(recipe: Recipe) -> list[dict]:
     """The --dry-run plan: each stage with status, inputs, and size/memory estimates."""
     sizes: dict[str, dict] = {}
     rows = []
+    will_run: set[str] = set()
     for st in recipe.stages.values():
         try:
             est = estimate_stage(st, recipe, sizes)
         except UpstackError as e:
             est = {"note": str(e)}
         sizes[st.name] = est
+        # a stage after one that will run gets new inputs, so it runs too
+        done = not (set(st.deps) & will_run) and stage_done(st, recipe)
+        if not done:
+            will_run.add(st.name)
         rows.append({
             "stage": st.name, "type": st.type, "deps": st.deps, "folder": str(st.folder),
-            "done": stage_done(st, recipe),
+            "done": done,
             **{k: v for k, v in est.items() if k != "config"},
         })
     return rows

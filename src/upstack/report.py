@@ -197,6 +197,21 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
         if comp.get("note"):
             lines += [str(comp["note"]).strip(), ""]
         lines += [*_score_table(models, cmodels), ""]
+    decon = {k: v for k, v in data["stages"].items() if v["type"] == "decontaminate" and isinstance(v.get("result"), dict)}
+    if decon:
+        lines += ["## Decontamination", "",
+                  "Training rows sharing an n-gram (lowercased words) with a benchmark example are removed before "
+                  "training; the later stages read the kept rows.", "",
+                  "| stage | training file | n-gram | rows | removed | benchmarks: rows removed / examples (too short to match) |",
+                  "|---|---|---:|---:|---:|---|"]
+        for name, v in decon.items():
+            r = v["result"]
+            marks = ", ".join(f"{b}: {st.get('rows_removed', '?')} / {st.get('examples', '?')}"
+                              + (f" ({st['short_examples']})" if st.get("short_examples") else "")
+                              for b, st in (r.get("benchmarks") or {}).items())
+            lines.append(f"| {name} | {Path(str(r.get('data', ''))).name} | {r.get('ngram')} | {r.get('rows')} "
+                         f"| {r.get('removed')} | {marks} |")
+        lines.append("")
     if data["final_metrics"]:
         keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margin", "rewards/accuracy", "eval_rewards/margin",
                 "eval_rewards/accuracy", "tokens_per_s", "step"]
