@@ -190,6 +190,19 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+BUILTIN_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def builtin_recipe_path(path: str | Path) -> Path:
+    """`path` itself when it exists; else, for `NAME`, `NAME.yaml` or `recipes/NAME.yaml`, the recipe of that
+    name shipped in the package (so `upstack run recipes/tiny-solar.yaml` works from any folder)."""
+    path = Path(path)
+    if path.exists() or len(path.parts) > 2 or (len(path.parts) == 2 and path.parts[0] != "recipes"):
+        return path
+    builtin = BUILTIN_RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return builtin if builtin.is_file() else path
+
+
 def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: str | None = None) -> Recipe:
     """Parse and validate a whole recipe; raise one ConfigError listing every problem with its line.
 
@@ -197,7 +210,7 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
     """
     import yaml
 
-    path = Path(path)
+    path = builtin_recipe_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
