@@ -272,3 +272,75 @@ def test_cli_end_to_end_with_tiny_model(tiny_generator, tmp_path, capsys):
     assert rc == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
     rc = main(["synth-math", "--seed-data", str(seed), "--model", str(tmp_path / "no-model"), "--out", str(out)])
     assert rc == 2 and "no-model does not exist" in capsys.readouterr().err
+
+
+class _FakeVLLM:
+    """A stand-in `vllm` module with the API upstack calls (LLM(model, seed, dtype), get_tokenizer(),
+    generate([{"prompt_token_ids": ...}], SamplingParams, use_tqdm) -> [RequestOutput.outputs[0].text]),
+    generating greedily with transformers, so the vLLM path runs here without a GPU."""
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+                fake.calls.append(("params", kwargs))
+
+        class LLM:
+            def __init__(self, model, seed=0, dtype="auto"):
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                fake.calls.append(("llm", {"model": model, "seed": seed, "dtype": dtype}))
+                self.tok = AutoTokenizer.from_pretrained(model)
+                self.lm = AutoModelForCausalLM.from_pretrained(model).eval()
+
+            def get_tokenizer(self):
+                return self.tok
+
+            def generate(self, inputs, params, use_tqdm=True):
+                import torch
+                from types import SimpleNamespace
+
+                fake.calls.append(("generate", {"n": len(inputs), "use_tqdm": use_tqdm}))
+                outs = []
+                for item in inputs:
+                    ids = torch.tensor([item["prompt_token_ids"]])
+                    with torch.no_grad():
+                        out = self.lm.generate(ids, max_new_tokens=params.max_tokens, do_sample=False,
+                                               pad_token_id=self.tok.pad_token_id)
+                    text = self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                    outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=text)]))
+                return outs
+
+        self.LLM, self.SamplingParams = LLM, SamplingParams
+
+
+def test_vllm_backend_matches_transformers(tiny_generator, tmp_path, monkeypatch, capsys):
+    """The vLLM path (through a stand-in module) sends chat-templated token ids, maps the sampling options,
+    and gives the same greedy outputs, rows and counts as the transformers backend."""
+    import sys
+
+    from upstack.data.synth_math import transformers_generate_fn, vllm_generate_fn
+
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    prompts = ["What is 2 + 2?", "A much longer question about twelve apples and thirty pears, please?"]
+    want = transformers_generate_fn(str(tiny_generator), max_new_tokens=5, device="cpu")(prompts)
+    got = vllm_generate_fn(str(tiny_generator), max_new_tokens=5, seed=3)(prompts)
+    assert got == want
+    kinds = dict(fake.calls[:2])
+    assert kinds["llm"] == {"model": str(tiny_generator), "seed": 3, "dtype": "auto"}
+    assert kinds["params"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 5, "seed": 3}
+    assert fake.calls[2] == ("generate", {"n": 2, "use_tqdm": False})
+
+    seed = _write_jsonl(tmp_path / "seed.jsonl", METAMATH * 2)
+    outs = {}
+    for backend in ("transformers", "vllm"):
+        out = tmp_path / backend
+        assert main(["synth-math", "--seed-data", str(seed), "--model", str(tiny_generator), "--out", str(out),
+                     "--backend", backend, "--max-new-tokens", "6", "--json", "--quiet"]) == 0
+        stats = json.loads(capsys.readouterr().out)
+        outs[backend] = (stats["generated"], stats["kept"], (out / "dropped.jsonl").read_text())
+    assert outs["vllm"] == outs["transformers"] and outs["vllm"][0] == 4
