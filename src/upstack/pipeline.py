@@ -14,8 +14,9 @@ A recipe:
 
 Any string option equal to a stage name, or starting with `<stage>/`, refers to that stage's output
 folder (and makes the stage depend on it); so does the PATH of a `NAME=PATH` option (benchmarks). The
-pipeline fills each stage's output option (`out`, or `output` for eval) with runs/<name>/<stage>/ and builds the stage's own typed config from the options,
-exactly as the CLI does. Stages know nothing of recipes.
+pipeline fills each stage's output option (`out`, or `output` for eval) with runs/<name>/<stage>/ and
+builds the stage's own typed config from the options, exactly as the CLI does. Stages know nothing of
+recipes.
 """
 
 from __future__ import annotations

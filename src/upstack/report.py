@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
+
 MARKER = "upstack_stage.json"
 
 
@@ -48,9 +50,8 @@ def _flat_scores(results: dict) -> dict[str, float]:
     for path, v in (results.get("preference") or {}).items():
         if not isinstance(v, dict):
             continue
-        parts = [("", v)] + [(f"[{g}]", q) for g, q in (v.get("groups") or {}).items() if isinstance(q, dict)]
-        for label, q in parts:
-            for k in ("accuracy", "margin", "reward_accuracy"):
+        for label, q in preference_parts(v):
+            for k in PREFERENCE_METRICS:
                 if isinstance(q.get(k), (int, float)):
                     out[f"preference/{Path(path).name}{label}/{k}"] = float(q[k])
     return out

@@ -469,9 +469,15 @@ def _fmt(v) -> str:
 PREFERENCE_METRICS = ("accuracy", "margin", "reward_accuracy")  # shown in tables; results JSON has them all
 
 
+def preference_parts(p: dict) -> list[tuple[str, dict]]:
+    """One preference result as ("", whole file) then ("[group]", metrics) per group (tables, report)."""
+    groups = p.get("groups") or {}
+    return [("", p)] + [(f"[{g}]", q) for g, q in groups.items() if isinstance(q, dict)]
+
+
 def _preference_rows(name: str, p: dict) -> list[tuple[str, dict]]:
     """Table rows of one preference result: the whole file, then each group."""
-    return [(f"pref: {name}", p)] + [(f"pref: {name} [{g}]", q) for g, q in (p.get("groups") or {}).items()]
+    return [(f"pref: {name} {g}".rstrip(), q) for g, q in preference_parts(p)]
 
 
 def markdown_table(out: dict) -> str:
@@ -689,10 +695,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                         _TRUNCATIONS.count)
     hf = getattr(lm, "model", None) if cfg.backend == "hf" and lm is not None else None
     model, tokenizer = (hf, getattr(lm, "tokenizer", None)) if hf is not None else (cfg.model, None)
-    if (cfg.perplexity or cfg.preference) and hf is None:
+    if cfg.perplexity or cfg.preference:
         from upstack.evaluate.perplexity import load_model
 
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        if hf is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1
     limit = int(cfg.limit) if cfg.limit and cfg.limit >= 1 else None
     if cfg.perplexity:
@@ -703,7 +710,6 @@ def evaluate(cfg: EvalConfig) -> dict:
                                               max_length=cfg.max_length, stride=cfg.stride, batch_size=batch,
                                               limit=limit)
     if cfg.preference:
-        from upstack.evaluate.perplexity import load_model
         from upstack.evaluate.preference import preference
 
         ref = ref_tok = None
