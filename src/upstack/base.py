@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from upstack.config import config_from_dict
-from upstack.errors import ConfigError, OutputExistsError
+from upstack.errors import ConfigError
+from upstack.outputs import check_output_free
 
 
 @dataclasses.dataclass
@@ -70,8 +71,7 @@ def build_base(cfg: BaseConfig) -> dict:
     from upstack.train.pretrain import PretrainConfig, pretrain
 
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    check_output_free(out, cfg.overwrite)
     init = out.parent / f".{out.name}.init"
     train_opts = {"data": cfg.data, "seed": cfg.seed, **cfg.train, "model": str(init), "out": str(out),
                   "overwrite": cfg.overwrite, "resume": True}

@@ -9,7 +9,6 @@ memory), so this module does not import torch; computed tensors import it lazily
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import functools
@@ -19,11 +18,11 @@ import os
 import re
 import shutil
 import struct
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from upstack.errors import CheckpointError, OutputExistsError, UpstackError
+from upstack.errors import CheckpointError, UpstackError
+from upstack.outputs import atomic_output_dir
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -642,34 +641,6 @@ def _write_shard(path: Path, shard: list[TensorPlan], meta: dict, src_fds: dict[
         disk.close()
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling folder of `out`; rename it to `out` only when the block succeeds.
-
-    On any failure (exception, Ctrl-C, disk full) the temporary folder is removed, so `out` never
-    appears half-written. An existing `out` is refused unless `overwrite`, and then replaced only
-    after the new one is complete.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from upstack.checkpoint import (
     open_checkpoint, read_tensor_bytes, write_checkpoint,
 )
 from upstack.config import config_from_dict, parse_bytes
-from upstack.errors import CheckpointError, ConfigError, OutputExistsError, UpstackError
+from upstack.errors import CheckpointError, ConfigError, UpstackError
+from upstack.outputs import check_output_free
 
 BLOCK = 1 << 20            # elements per compute block (4 MB in fp32) and per DARE random block
 CHUNK_BYTES = 16 << 20     # output bytes per chunk (whole blocks), the unit handed to the writer
@@ -1121,8 +1122,8 @@ def merge(cfg: MergeConfig) -> dict:
     if not cfg.out and not cfg.dry_run:
         raise ConfigError("no output folder (--out DIR, or out: in the config)")
     out = Path(cfg.out) if cfg.out else None
-    if out is not None and out.exists() and not cfg.overwrite and not cfg.dry_run:
-        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if out is not None and not cfg.dry_run:
+        check_output_free(out, cfg.overwrite)
     shard_size = parse_bytes(cfg.shard_size, "--shard-size")
     out_dtype = normalize_dtype(cfg.dtype) if cfg.dtype else None
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:

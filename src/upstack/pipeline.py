@@ -34,6 +34,7 @@ from typing import Any
 
 from upstack.config import config_errors, config_from_dict, config_to_dict
 from upstack.errors import ConfigError, UpstackError
+from upstack.outputs import write_text_atomic
 
 MARKER = "upstack_stage.json"
 
@@ -626,9 +627,7 @@ def _run_stage(st: Stage, recipe: Recipe, quiet: bool, write_marker: bool = True
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "result": result if isinstance(result, (dict, list)) else None,
     }
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def _write_report(recipe: Recipe) -> None:

@@ -19,7 +19,8 @@ from upstack.checkpoint import (
     open_checkpoint, resolve_model_dir, tensor_to_bytes, write_checkpoint,
 )
 from upstack.config import parse_bytes
-from upstack.errors import ConfigError, OutputExistsError, UpstackError
+from upstack.errors import ConfigError, UpstackError
+from upstack.outputs import check_output_free
 
 METHODS = ("dus", "stack", "interleave")
 
@@ -252,8 +253,8 @@ def model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, layer_pla
 def upscale(cfg: UpscaleConfig) -> dict:
     """Run `upstack upscale`: plan, validate, then (unless dry_run) stream the new checkpoint."""
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite and not cfg.dry_run:
-        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if not cfg.dry_run:
+        check_output_free(out, cfg.overwrite)
     shard_size = parse_bytes(cfg.shard_size, "--shard-size")
     dtype = normalize_dtype(cfg.dtype) if cfg.dtype else None
     ckpt = open_checkpoint(resolve_model_dir(cfg.source), allow_pickle=cfg.allow_pickle, weights_required=not cfg.dry_run)

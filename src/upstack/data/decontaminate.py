@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upstack.errors import ConfigError, DataError, OutputExistsError
+from upstack.errors import ConfigError, DataError
+from upstack.outputs import atomic_file, check_output_free
 
 log = logging.getLogger(__name__)
 
@@ -287,59 +287,50 @@ def decontaminate(cfg: DecontaminateConfig) -> dict:
     if out.resolve() == data.resolve() or removed.resolve() == data.resolve():
         raise ConfigError("--out (and the removed-rows file) must differ from the input file")
     for p in (out, removed):
-        if p.exists() and not cfg.overwrite:
-            raise OutputExistsError(f"{p} exists (use --overwrite)")
+        check_output_free(p, cfg.overwrite)
     _check_first_row(data, cfg.fields)
 
     t0 = time.perf_counter()
     index = build_index(cfg.against, cfg.ngram)
     t_index = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    removed.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_rm = removed.with_name(f".{removed.name}.tmp-{os.getpid()}")
     n_rows = n_removed = 0
     per_bench = [0] * len(index.names)
     progress = tqdm(total=data.stat().st_size, unit="B", unit_scale=True, desc="decontaminate")
     try:
-        with open(data, "rb") as fin, open(tmp_out, "wb", buffering=1 << 20) as fout, \
-                open(tmp_rm, "w", encoding="utf-8") as frm:
-            lines: list[tuple[int, bytes]] = []
-            line_no = 0
-            while True:
-                line = fin.readline()
-                if line:
-                    line_no += 1
-                    if line.strip():
-                        lines.append((line_no, line))
-                if lines and (len(lines) >= CHUNK_ROWS or not line):
-                    rows = _parse_chunk(lines, data)
-                    masks, first = scan_chunk(rows, index, cfg.ngram, cfg.fields)
-                    kept = []
-                    for r, ((no, raw), m) in enumerate(zip(lines, masks.tolist())):
-                        if not m:
-                            kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
-                            continue
-                        hit = [name for b, name in enumerate(index.names) if m >> b & 1]
-                        for b in range(len(index.names)):
-                            if m >> b & 1:
-                                per_bench[b] += 1
-                        frm.write(json.dumps({"line": no, "benchmarks": hit, "ngram": first.get(r),
-                                              "row": rows[r]}, ensure_ascii=False) + "\n")
-                        n_removed += 1
-                    fout.write(b"".join(kept))
-                    n_rows += len(lines)
-                    progress.update(sum(len(raw) for _, raw in lines))
-                    lines = []
-                if not line:
-                    break
-        os.replace(tmp_out, out)
-        os.replace(tmp_rm, removed)
+        with atomic_file(out) as tmp_out, atomic_file(removed) as tmp_rm:
+            with open(data, "rb") as fin, open(tmp_out, "wb", buffering=1 << 20) as fout, \
+                    open(tmp_rm, "w", encoding="utf-8") as frm:
+                lines: list[tuple[int, bytes]] = []
+                line_no = 0
+                while True:
+                    line = fin.readline()
+                    if line:
+                        line_no += 1
+                        if line.strip():
+                            lines.append((line_no, line))
+                    if lines and (len(lines) >= CHUNK_ROWS or not line):
+                        rows = _parse_chunk(lines, data)
+                        masks, first = scan_chunk(rows, index, cfg.ngram, cfg.fields)
+                        kept = []
+                        for r, ((no, raw), m) in enumerate(zip(lines, masks.tolist())):
+                            if not m:
+                                kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                                continue
+                            hit = [name for b, name in enumerate(index.names) if m >> b & 1]
+                            for b in range(len(index.names)):
+                                if m >> b & 1:
+                                    per_bench[b] += 1
+                            frm.write(json.dumps({"line": no, "benchmarks": hit, "ngram": first.get(r),
+                                                  "row": rows[r]}, ensure_ascii=False) + "\n")
+                            n_removed += 1
+                        fout.write(b"".join(kept))
+                        n_rows += len(lines)
+                        progress.update(sum(len(raw) for _, raw in lines))
+                        lines = []
+                    if not line:
+                        break
     finally:
         progress.close()
-        for t in (tmp_out, tmp_rm):
-            if t.exists():
-                t.unlink()
     seconds = time.perf_counter() - t0
     for b, name in enumerate(index.names):
         index.stats[name]["rows_removed"] = per_bench[b]

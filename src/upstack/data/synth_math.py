@@ -427,7 +427,7 @@ def run_synth_math(cfg: SynthMathConfig, generate_fn: GenerateFn | None = None) 
 
     `generate_fn` replaces the model backend (tests, or a custom generator).
     """
-    from upstack.checkpoint import atomic_output_dir
+    from upstack.outputs import atomic_output_dir
 
     for name in ("max_new_tokens", "batch_size", "limit"):
         value = getattr(cfg, name)

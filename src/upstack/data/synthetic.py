@@ -554,7 +554,7 @@ def generate_world(out_dir: str | Path, seed: int = 0, scale: str = "default", *
     the training files; see `upstack.data.tokenizer`). Raises RuntimeError if the held-out sets
     overlap training (a bug in the generator, never expected).
     """
-    from upstack.checkpoint import atomic_output_dir
+    from upstack.outputs import atomic_output_dir
 
     if tokenizer_vocab_size is not None and tokenizer_vocab_size < MIN_TOKENIZER_VOCAB:
         raise ConfigError(f"tokenizer_vocab_size: {tokenizer_vocab_size} is too small for a byte-level BPE "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from upstack.errors import ConfigError
+from upstack.outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +226,7 @@ def contamination(cfg: ContaminationConfig) -> dict:
         out["benchmarks"][name] = entry
         log.info("%s: %s", name, format_line(name, entry))
     if cfg.output:
-        p = Path(cfg.output)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, p)
+        write_text_atomic(cfg.output, json.dumps(out, indent=2) + "\n")
     return out
 
 

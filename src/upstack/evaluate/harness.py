@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from upstack.errors import CheckpointError, ConfigError, DataError, UpstackError
+from upstack.outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -568,12 +569,9 @@ def compare_table(cmp: dict) -> str:
 def write_results(out: dict, path: str | Path) -> tuple[Path, Path]:
     """Write results JSON and its markdown table (same name, .md) atomically; return both paths."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     md = path.with_suffix(".md")
-    for target, text in ((path, json.dumps(out, indent=2, ensure_ascii=False) + "\n"), (md, markdown_table(out))):
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(md, markdown_table(out))
     return path, md
 
 

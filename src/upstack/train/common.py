@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from upstack.checkpoint import TORCH_DTYPE_NAMES, atomic_output_dir, normalize_dtype, open_checkpoint
+from upstack.checkpoint import TORCH_DTYPE_NAMES, normalize_dtype, open_checkpoint
 from upstack.config import config_from_dict, config_to_dict
 from upstack.errors import CheckpointError, ConfigError, OutputExistsError, UpstackError
+from upstack.outputs import atomic_output_dir, check_output_free
 
 log = logging.getLogger("upstack.train")
 
@@ -691,8 +692,7 @@ def start_run(cfg: TrainConfig, stage: str) -> Run:
     from accelerate import Accelerator
 
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    check_output_free(out, cfg.overwrite)
     check_model_path(cfg.model)
     check_train_layers(cfg.train_layers, cfg.model)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown the progress

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from upstack.errors import ConfigError, DataError
+from upstack.outputs import atomic_file
 from upstack.train.common import (
     Run, Task, TrainConfig, check_config, check_model_path, check_vocab, checkpoint_dtype, collate_segments,
     data_specs, disable_dropout, forward_scored, freeze_for_training, load_model, load_tokenizer, pad_token_id,
@@ -331,9 +332,8 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if run.is_main:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
     run.accelerator.wait_for_everyone()
     return {"train": result["train"], "eval": result.get("eval")}
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from upstack.errors import ConfigError, DataError
+from upstack.outputs import atomic_file
 from upstack.train.common import (
     Run, Task, TrainConfig, add_perplexity, check_config, check_vocab, checkpoint_dtype, collate_segments, data_specs,
     freeze_for_training, lm_loss, load_model, load_tokenizer, pad_token_id, prepare_model, save_final,
@@ -39,7 +39,7 @@ def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: 
                      batch_docs: int = 1000) -> dict:
     """Stream documents into a flat token file (eos after each document); return its metadata.
 
-    Written to `path.tmp` and renamed, with `path.json` (metadata) last, so a half-written file is never
+    Written to a temporary sibling and renamed, with `path.json` (metadata) last, so a half-written file is never
     mistaken for a finished one."""
     import numpy as np
     from tqdm import tqdm
@@ -52,32 +52,31 @@ def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: 
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     report = LoadReport(kind="text", seed=seed)
     docs = iter_text_documents(specs, seed=seed, skip_bad_rows=skip_bad_rows, report=report)
-    tmp = path.with_name(path.name + ".tmp")
     n_tokens = n_docs = max_id = 0
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, leave=False)
-    with open(tmp, "wb") as f:
-        def flush(batch: list[str]) -> None:
-            nonlocal n_tokens, n_docs, max_id
-            for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
-                if not ids or ids[-1] != eos:
-                    ids = ids + [eos]
-                arr = np.asarray(ids, dtype=dtype)
-                max_id = max(max_id, int(arr.max()))
-                arr.tofile(f)
-                n_tokens += len(arr)
-                n_docs += 1
-            bar.update(len(batch))
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            def flush(batch: list[str]) -> None:
+                nonlocal n_tokens, n_docs, max_id
+                for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+                    if not ids or ids[-1] != eos:
+                        ids = ids + [eos]
+                    arr = np.asarray(ids, dtype=dtype)
+                    max_id = max(max_id, int(arr.max()))
+                    arr.tofile(f)
+                    n_tokens += len(arr)
+                    n_docs += 1
+                bar.update(len(batch))
 
-        batch: list[str] = []
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) >= batch_docs:
+            batch: list[str] = []
+            for doc in docs:
+                batch.append(doc)
+                if len(batch) >= batch_docs:
+                    flush(batch)
+                    batch = []
+            if batch:
                 flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
     bar.close()
-    os.replace(tmp, path)
     meta = {"tokens": n_tokens, "documents": n_docs, "dtype": np.dtype(dtype).name, "eos": eos, "max_id": max_id,
             "data": report.to_dict()}
     path.with_name(path.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
