@@ -40,7 +40,7 @@ def benchmarks() -> list[str]:
 def generate(path: Path, rows: int, contaminated_every: int, seed: int = 0) -> None:
     """SFT-like rows (instruction/input/output, ~90 words) built from the vocabulary of real instruction
     data; every `contaminated_every`-th row embeds a benchmark example (question + answer)."""
-    from upstack.evaluate.tasks.formats import benchmark_examples
+    from upstack.data.benchmarks import benchmark_examples
 
     rng = random.Random(seed)
     vocab_text = (SHARED / "alpaca_gpt4" / "alpaca_en_demo.jsonl").read_text(encoding="utf-8")
@@ -63,7 +63,7 @@ def generate(path: Path, rows: int, contaminated_every: int, seed: int = 0) -> N
 def naive(data: str, against: list[str], out: str, n: int, limit: int | None) -> dict:
     """The straightforward implementation (the baseline)."""
     from upstack.data.decontaminate import words
-    from upstack.evaluate.tasks.formats import benchmark_examples
+    from upstack.data.benchmarks import benchmark_examples
 
     t0 = time.perf_counter()
     grams: set[tuple[str, ...]] = set()

@@ -258,7 +258,7 @@ def worker_trl_dpo(work: Path, preset: str, steps: int) -> dict:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
     batch = spec["batch"] // 2
     # tokens per step, counted the way upstack counts them (same template, same pairs)
-    from upstack.train.dpo import encode_pairs
+    from upstack.data.chat import encode_pairs
 
     enc, pairs, _ = encode_pairs(tok, conv[:batch * steps], spec["seq"] * 2)
     per_pair = sum(enc.length(c) + enc.length(r) for c, r in pairs) / len(pairs)

@@ -9,13 +9,13 @@ from conftest import SHARED_DATA
 from tiny import build_tiny_model
 from upstack.cli import main
 from upstack.evaluate.contamination import ContaminationConfig, _prefix, contamination, verdict
-from upstack.evaluate.tasks.formats import example_text, load_docs
+from upstack.data.benchmarks import example_text, load_docs
 
 N_EXAMPLES = 16
 
 
 def load_docs_row(line: str) -> dict:
-    from upstack.evaluate.tasks.formats import _arc
+    from upstack.data.benchmarks import _arc
 
     return _arc("-", "-", json.loads(line))
 

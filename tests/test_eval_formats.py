@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from upstack.errors import DataError
-from upstack.evaluate.tasks import formats, hooks
-from upstack.evaluate.tasks.formats import detect_format, example_text, load_docs
+from upstack.data import benchmarks as formats
+from upstack.evaluate.tasks import hooks
+from upstack.data.benchmarks import detect_format, example_text, load_docs
 
 LM_EVAL_TASKS = Path(__import__("lm_eval.tasks", fromlist=["x"]).__file__).parent
 
@@ -107,7 +108,7 @@ def test_local_templates_match_the_leaderboard_tasks(ours, theirs):
     """Same prompts, targets, choices, metrics, filters and generation settings as lm-eval's own tasks."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    a = load_yaml(Path(formats.__file__).parent / ours, resolve_func=False)
+    a = load_yaml(Path(hooks.__file__).parent / ours, resolve_func=False)
     b = load_yaml(LM_EVAL_TASKS / theirs, resolve_func=False)
     for key in ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list",
                 "generation_kwargs", "filter_list", "fewshot_config", "target_delimiter", "fewshot_delimiter"):

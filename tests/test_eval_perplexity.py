@@ -7,7 +7,8 @@ import pytest
 
 from tiny import build_tiny_model
 from upstack.errors import DataError
-from upstack.evaluate.perplexity import load_model, perplexity, windows
+from upstack.evaluate.perplexity import perplexity, windows
+from upstack.lm import load_for_inference
 
 TEXT = ("Depth up-scaling stacks two copies of a model and drops the seam layers. " * 12).strip()
 
@@ -54,7 +55,7 @@ def _reference_nll(model, ids, window, stride):
 
 
 def test_matches_direct_computation(tiny, tmp_path):
-    model, tok = load_model(tiny, device="cpu")
+    model, tok = load_for_inference(tiny, device="cpu")
     f = tmp_path / "t.txt"
     f.write_text(TEXT)
     ids = tok(TEXT)["input_ids"]

@@ -14,7 +14,7 @@ PKG = SRC / "upstack"
 
 # Lowest first. A module may import modules of its own layer or of lower layers only.
 LAYERS: list[tuple[str, ...]] = [
-    ("upstack", "upstack.errors", "upstack.config", "upstack.arch", "upstack.outputs"),
+    ("upstack", "upstack.errors", "upstack.config", "upstack.arch", "upstack.outputs", "upstack.hub"),
     ("upstack.checkpoint",),
     ("upstack.lm",),
     ("upstack.data",),
@@ -83,7 +83,7 @@ def _group(mod: str) -> tuple[int, str]:
     best = None
     for i, layer in enumerate(LAYERS):
         for entry in layer:
-            if mod == entry or mod.startswith(entry + "."):
+            if mod == entry or (entry != "upstack" and mod.startswith(entry + ".")):  # the root is only itself
                 if best is None or len(entry) > len(best[1]):
                     best = (i, entry)
     assert best is not None, f"{mod} is in no layer: add it to LAYERS and docs/architecture.md"

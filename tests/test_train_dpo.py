@@ -78,8 +78,9 @@ def test_batch_loss_matches_an_independent_computation(model_dir, multiple):
     with the width rounded up to a multiple (what CUDA runs do by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upstack.train.common import collate_segments
-    from upstack.train.dpo import encode_pairs, pair_loss
+    from upstack.lm import collate_segments
+    from upstack.data.chat import encode_pairs
+    from upstack.train.dpo import pair_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -52,7 +52,7 @@ def test_documents_in_a_block_do_not_attend_to_each_other(model_dir):
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upstack.train.common import collate_segments, forward_logits
+    from upstack.lm import collate_segments, forward_logits
     from upstack.train.pretrain import block_segments
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -1,5 +1,6 @@
 """upstack sft: response-only labels, templates, packing isolation, overfitting, outputs, bad input."""
 
+import importlib.util
 import json
 import math
 import os
@@ -68,8 +69,8 @@ def pieces_ids(tok, pieces):
 
 
 def test_multi_turn_labels_are_exactly_the_assistant_tokens(tok):
-    from upstack.train.common import collate_segments
-    from upstack.train.sft import encode_sft_rows
+    from upstack.lm import collate_segments
+    from upstack.data.chat import encode_sft_rows
 
     msgs = [{"role": "user", "content": "Hi fox."}, {"role": "assistant", "content": "Hello dog."},
             {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "The quick end."}]
@@ -91,7 +92,7 @@ def test_multi_turn_labels_are_exactly_the_assistant_tokens(tok):
 
 
 def test_truncation_cuts_the_response_and_is_counted(tok):
-    from upstack.train.sft import encode_sft_rows
+    from upstack.data.chat import encode_sft_rows
 
     msgs = [{"role": "user", "content": "Hi fox."}, {"role": "assistant", "content": "Hello dog, how are you?"}]
     prompt_ids, _ = pieces_ids(tok, [("<s>user\nHi fox.</s>\n<s>assistant\n", False)])
@@ -109,7 +110,7 @@ def test_truncation_cuts_the_response_and_is_counted(tok):
 def test_alpaca_template_when_the_tokenizer_has_none(model_dir, tok):
     from transformers import AutoTokenizer
 
-    from upstack.train.chat import render_with_spans, resolve_template
+    from upstack.data.chat import render_with_spans, resolve_template
 
     t = AutoTokenizer.from_pretrained(model_dir)
     t.chat_template = None
@@ -133,8 +134,8 @@ def test_alpaca_template_when_the_tokenizer_has_none(model_dir, tok):
 def test_packed_examples_do_not_attend_to_each_other(model_dir, tok):
     from transformers import AutoModelForCausalLM
 
-    from upstack.train.common import collate_segments, forward_logits, supports_packed_positions
-    from upstack.train.sft import encode_sft_rows
+    from upstack.lm import collate_segments, forward_logits, supports_packed_positions
+    from upstack.data.chat import encode_sft_rows
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert supports_packed_positions(model)
@@ -202,7 +203,11 @@ def test_overfits_a_small_batch_and_writes_a_standard_checkpoint(model_dir, tmp_
         assert key in train[0]
     assert records[-1]["type"] == "summary" and summary["steps"] == 40
     assert summary["eval_loss"] < 0.5 * train[0]["loss"] and "eval_perplexity" in summary
-    assert any((out / "tensorboard").iterdir())
+    # TensorBoard event files when tensorboard is installed (the [test] extra installs it), none otherwise.
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert any((out / "tensorboard").iterdir())
+    else:
+        assert not (out / "tensorboard").exists()
     # A plain HF folder that transformers loads; upstack.json carried forward; no work folder left.
     model = AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out).chat_template

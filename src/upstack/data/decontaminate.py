@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upstack.errors import ConfigError, DataError
+from upstack.data.benchmarks import benchmark_examples, parse_benchmark
 from upstack.outputs import atomic_file, check_output_free
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,6 @@ def build_index(specs: list[str], n: int) -> BenchmarkIndex:
     """Hash every n-gram of every benchmark example (question + gold answer text)."""
     import numpy as np
 
-    from upstack.evaluate.contamination import parse_benchmark
-    from upstack.evaluate.tasks.formats import benchmark_examples
 
     if len(specs) > 64:
         raise ConfigError(f"at most 64 benchmarks per run, got {len(specs)}")

@@ -28,10 +28,11 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from upstack.errors import ConfigError
+from upstack.data.benchmarks import benchmark_examples, parse_benchmark
+from upstack.lm import check_model_path, check_token_ids, load_for_inference, model_max_positions, same_tokenizer
 from upstack.outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -70,25 +71,16 @@ VERDICT_TEXT = {"clean": "no sign of contamination (< 0.1)", "contaminated": "li
                 "inconclusive": "inconclusive (between 0.1 and 0.9)"}
 
 
-def parse_benchmark(spec: str) -> tuple[str, str]:
-    """'gsm8k=path' -> ('gsm8k', 'path'); 'path' -> (name from the file or folder, 'path')."""
-    name, sep, path = spec.partition("=")
-    if sep and name and not Path(spec).exists() and re.fullmatch(r"[\w.-]+", name):
-        return name, path
-    p = Path(spec)
-    return (p.name if p.is_dir() else p.stem), spec
-
-
 def token_logprobs(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list:
     """Per text, the log-probabilities of its tokens after the first (a float tensor on CPU)."""
     import torch
 
-    from upstack.evaluate.perplexity import check_ids
 
     encoded = []
     for t in texts:
         ids = tokenizer(t)["input_ids"][:max_length]
-        check_ids(ids, model, "contamination text")
+        if ids:
+            check_token_ids(model, max(ids), "contamination text")
         encoded.append(ids)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     out: list = [None] * len(texts)
@@ -159,15 +151,8 @@ def _fit(text: str, tokenizer, max_tokens: int) -> str:
     return tokenizer.decode(ids[: max_tokens - 1], skip_special_tokens=True)
 
 
-def _same_tokenizer(a, b) -> bool:
-    return type(a).__name__ == type(b).__name__ and a.get_vocab() == b.get_vocab()
-
-
 def contamination(cfg: ContaminationConfig) -> dict:
     """Run the contamination test on every benchmark; return (and write to `cfg.output`) the results."""
-    from upstack.evaluate.harness import check_model_path
-    from upstack.evaluate.perplexity import load_model, max_positions
-    from upstack.evaluate.tasks.formats import benchmark_examples
 
     if cfg.method == "neighbours" and not cfg.reference:
         raise ConfigError("the neighbour test needs --reference (the model the target was trained from, e.g. its base)")
@@ -192,19 +177,19 @@ def contamination(cfg: ContaminationConfig) -> dict:
     if cfg.reference:
         check_model_path(cfg.reference, "reference")
 
-    target, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, what="model")
+    target, tok = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype, what="model")
     ref = ref_tok = None
     if cfg.reference:
         if os.path.realpath(cfg.reference) == os.path.realpath(cfg.model):
             ref, ref_tok = target, tok
         else:
-            ref, ref_tok = load_model(cfg.reference, device=cfg.device, dtype=cfg.dtype, what="reference")
-    same_tok = ref_tok is None or _same_tokenizer(tok, ref_tok)
+            ref, ref_tok = load_for_inference(cfg.reference, device=cfg.device, dtype=cfg.dtype, what="reference")
+    same_tok = ref_tok is None or same_tokenizer(tok, ref_tok)
     if not same_tok:
         log.warning("model and reference use different tokenizers: allowed, but each scores with its own "
                     "(neighbours pass from the reference to the model as text); losses are per token of each tokenizer")
-    t_len = min(cfg.max_length or max_positions(target), max_positions(target))
-    r_len = min(cfg.max_length or max_positions(ref), max_positions(ref)) if ref is not None else None
+    t_len = min(cfg.max_length or model_max_positions(target), model_max_positions(target))
+    r_len = min(cfg.max_length or model_max_positions(ref), model_max_positions(ref)) if ref is not None else None
 
     out = {"format": "upstack-contamination/1", "method": cfg.method, "model": cfg.model, "reference": cfg.reference,
            "same_tokenizer": same_tok, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -18,7 +18,6 @@ import datetime as _dt
 import difflib
 import json
 import logging
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -26,12 +25,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from upstack.errors import CheckpointError, ConfigError, DataError, UpstackError
+from upstack.data.benchmarks import load_docs, mmlu_subject
+from upstack.data.chat import TEMPLATES as CHAT_TEMPLATES
+from upstack.hub import hub_offline
+from upstack.lm import (
+    DEFAULT_MAX_POSITIONS, check_model_path, load_for_inference, max_positions, model_config, resolve_device,
+)
 from upstack.outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "upstack-eval/1"
-TEMPLATES = Path(__file__).parent / "tasks"
+TASK_YAML_DIR = Path(__file__).parent / "tasks"  # the local tasks' YAML templates
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,6 @@ def _data_files(folder: Path, fmt: str) -> list[Path]:
 
 def _resolve_mmlu(root: Path, fewshot_root: Path | None, order: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
     """[(subject, eval csv, few-shot csv)] from an MMLU folder (dev/ val/ test/ subfolders or flat CSVs) or one CSV."""
-    from upstack.evaluate.tasks.formats import mmlu_subject
 
     if root.is_file():
         subject = mmlu_subject(root)
@@ -235,7 +239,6 @@ def _write_local_tasks(tmp: Path, task: str, cfg: EvalConfig) -> dict[str, dict[
     """Validate the files of one local task and write its task YAML(s) into `tmp`; return the files used."""
     import yaml
 
-    from upstack.evaluate.tasks.formats import load_docs
 
     spec = LOCAL_TASKS[task]
     entries = resolve_local_files(task, cfg)
@@ -246,7 +249,7 @@ def _write_local_tasks(tmp: Path, task: str, cfg: EvalConfig) -> dict[str, dict[
             load_docs(spec.format, fewshot)
         same = fewshot.resolve() == eval_file.resolve()
         doc = {
-            "include": str(TEMPLATES / spec.template),
+            "include": str(TASK_YAML_DIR / spec.template),
             "task": name,
             "dataset_kwargs": {"eval_file": str(eval_file.resolve()),
                                "fewshot_file": None if same else str(fewshot.resolve())},
@@ -268,47 +271,6 @@ def _write_local_tasks(tmp: Path, task: str, cfg: EvalConfig) -> dict[str, dict[
 
 
 # ---------------------------------------------------------------------------------- the model
-def resolve_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def check_model_path(model: str, what: str = "model") -> None:
-    """A local checkpoint folder must hold config.json; anything else must look like a Hub id, online."""
-    path = Path(model)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{what} {model}: not a folder (expected a Hugging Face checkpoint folder)")
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{what} {model}: not a loadable checkpoint folder (no config.json)")
-        return
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
-        if _offline():
-            log.info("%s %s is not a local folder; offline, so it must be in the Hugging Face cache", what, model)
-        return
-    raise CheckpointError(f"{what} {model}: no such folder")
-
-
-def _model_max_positions(model: str) -> int | None:
-    try:
-        cfg = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    return None
-
-
 def _load_lm(cfg: EvalConfig):
     from lm_eval.api.registry import get_model
 
@@ -385,7 +347,7 @@ def _load_tasks(tm, names: list[str]):
             alt = (f"; score the local copy instead: --tasks {local} --data-dir DIR (layout in docs/evaluation.md)"
                    if local else "; local tasks: " + ", ".join(LOCAL_TASKS))
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if _offline():
+            if hub_offline():
                 raise DataError(f"task {name}: its data are not in the local Hugging Face cache and we are offline "
                                 f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set; {why[:200]}){alt}") from e
             raise DataError(f"task {name}: cannot load its data ({why[:200]}){alt}") from e
@@ -615,10 +577,9 @@ def _validate(cfg: EvalConfig, names: list[str]) -> None:
         raise ConfigError("--preference-reference and --preference-group need --preference FILE")
     if cfg.preference_reference:
         check_model_path(cfg.preference_reference, "--preference-reference")
-    from upstack.train.chat import TEMPLATES
 
-    if cfg.template not in TEMPLATES:
-        raise ConfigError(f"--template {cfg.template!r}: not one of {', '.join(TEMPLATES)}")
+    if cfg.template not in CHAT_TEMPLATES:
+        raise ConfigError(f"--template {cfg.template!r}: not one of {', '.join(CHAT_TEMPLATES)}")
     if cfg.backend == "vllm":
         import importlib.util
 
@@ -694,10 +655,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     hf = getattr(lm, "model", None) if cfg.backend == "hf" and lm is not None else None
     model, tokenizer = (hf, getattr(lm, "tokenizer", None)) if hf is not None else (cfg.model, None)
     if cfg.perplexity or cfg.preference:
-        from upstack.evaluate.perplexity import load_model
 
         if hf is None:
-            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            model, tokenizer = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype)
     batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1
     limit = int(cfg.limit) if cfg.limit and cfg.limit >= 1 else None
     if cfg.perplexity:
@@ -712,7 +672,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         ref = ref_tok = None
         if cfg.preference_reference:
-            ref, ref_tok = load_model(cfg.preference_reference, device=cfg.device, dtype=cfg.dtype,
+            ref, ref_tok = load_for_inference(cfg.preference_reference, device=cfg.device, dtype=cfg.dtype,
                                       what="reference model")
         for f in cfg.preference:
             out["preference"][f] = preference(model, f, tokenizer=tokenizer, reference=ref, reference_tokenizer=ref_tok,
@@ -760,7 +720,8 @@ def _run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
     if any(t.get_config("output_type") == "generate_until" for t in _leaf_tasks(top)):
         budget = cfg.max_gen_toks
         if budget is None:
-            ctx = cfg.max_length or getattr(lm, "max_length", None) or _model_max_positions(cfg.model) or 2048
+            ctx = (cfg.max_length or getattr(lm, "max_length", None) or max_positions(model_config(cfg.model) or {})
+                   or DEFAULT_MAX_POSITIONS)
             budget = min(256, max(16, ctx // 4))
         gen_kwargs = {"max_gen_toks": budget}
     res = lm_eval.simple_evaluate(

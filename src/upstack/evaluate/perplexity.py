@@ -8,7 +8,6 @@ carried over from the previous window (the method of the transformers "perplexit
 models" guide, whose loop with stride == max_length would skip one token per window).
 Perplexity = exp(total NLL / predicted tokens); bits per byte (tokenizer-independent) is reported too.
 
-`load_model` is shared with the contamination test.
 """
 
 from __future__ import annotations
@@ -18,56 +17,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from upstack.errors import CheckpointError, ConfigError, DataError
+from upstack.errors import ConfigError, DataError
+from upstack.data.benchmarks import read_json_rows
+from upstack.lm import check_token_ids, load_for_inference, model_max_positions
 
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str, *, device: str | None = None, dtype: str = "auto", what: str = "model"):
-    """(model, tokenizer) from a checkpoint folder, in eval mode on `device`; errors as CheckpointError."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from upstack.evaluate.harness import check_model_path, resolve_device
-
-    check_model_path(path, what)
-    device = resolve_device(device)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
-    if torch_dtype is None:
-        raise ConfigError(f"--dtype {dtype}: not a torch dtype (auto, float32, bfloat16, float16)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {what} {path}: {msg}") from e
-    model.to(device).eval()
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        log.warning("%s %s: tokenizer has %d tokens but the model only %d embeddings; texts using the extra "
-                    "tokens cannot be scored", what, path, len(tok), model.get_input_embeddings().num_embeddings)
-    return model, tok
-
-
-def max_positions(model) -> int:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
-def check_ids(ids: list[int], model, where: str) -> None:
-    n = model.get_input_embeddings().num_embeddings
-    if ids and max(ids) >= n:
-        raise CheckpointError(f"{where}: the tokenizer produced token id {max(ids)} but the model has only {n} "
-                              "embeddings (tokenizer and model do not match)")
-
-
 def read_texts(file: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
     """Documents of a .txt file (one) or a JSONL/JSON file (one per row, field `text_field`)."""
-    from upstack.evaluate.tasks.formats import read_json_rows
 
     path = Path(file)
     if not path.is_file():
@@ -123,10 +81,10 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
 
     texts = read_texts(file, text_field, limit)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model(str(model), device=device, dtype=dtype)
+        model, tokenizer = load_for_inference(str(model), device=device, dtype=dtype)
     elif tokenizer is None:
         raise ConfigError("perplexity: pass the tokenizer with a loaded model")
-    window = min(max_length or max_positions(model), max_positions(model))
+    window = min(max_length or model_max_positions(model), model_max_positions(model))
     if window < 2:
         raise ConfigError(f"perplexity needs a window of at least 2 tokens, got {window}")
     stride = stride or max(1, window // 2)
@@ -137,7 +95,8 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
     items = []
     for i, text in enumerate(texts):
         ids = tokenizer(text, verbose=False)["input_ids"]  # long documents are windowed below: no length warning
-        check_ids(ids, model, f"{file}: document {i + 1}")
+        if ids:
+            check_token_ids(model, max(ids), f"{file}: document {i + 1}")
         if len(ids) >= 2:
             items += windows(ids, window, stride)
     if not items:

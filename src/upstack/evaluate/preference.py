@@ -30,6 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from upstack.errors import DataError
+from upstack.data.benchmarks import read_json_rows
+from upstack.data.chat import encode_pairs, resolve_template
+from upstack.lm import (
+    collate_segments, forward_scored, load_for_inference, model_max_positions, pad_token_id, sequence_logps, to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +43,6 @@ def _pair_logps(model, tokenizer, enc, pairs: list[tuple[int, int]], batch_size:
     """[(chosen logp, rejected logp, chosen tokens, rejected tokens)] for encoded pairs, in order."""
     import torch
 
-    from upstack.train.common import collate_segments, forward_scored, pad_token_id
-    from upstack.train.dpo import sequence_logps
 
     dev = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
@@ -50,7 +53,7 @@ def _pair_logps(model, tokenizer, enc, pairs: list[tuple[int, int]], batch_size:
             chunk = pairs[lo:lo + b]
             seqs = [c for c, _ in chunk] + [r for _, r in chunk]
             batch = collate_segments([[enc.get(s)] for s in seqs], pad_id, False)
-            batch = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in batch.items()}
+            batch = to_device(batch, dev)
             logps, n_tok = sequence_logps(*forward_scored(model, batch))
             n = len(chunk)
             for i in range(n):
@@ -60,7 +63,6 @@ def _pair_logps(model, tokenizer, enc, pairs: list[tuple[int, int]], batch_size:
 
 def _groups(path: Path, field: str, n_rows: int) -> list[str]:
     """The `field` value of each row of a JSONL/JSON file (rows must line up with the loaded pairs)."""
-    from upstack.evaluate.tasks.formats import read_json_rows
 
     raw = read_json_rows(path)
     values = []
@@ -106,9 +108,6 @@ def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any =
     import numpy as np
 
     from upstack.data.loading import load_dpo_rows, parse_data_spec
-    from upstack.evaluate.perplexity import load_model, max_positions
-    from upstack.train.chat import resolve_template
-    from upstack.train.dpo import encode_pairs
 
     path = Path(file)
     if not path.is_file():
@@ -118,9 +117,9 @@ def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any =
     if limit:
         rows = rows[:limit]
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model(str(model), device=device, dtype=dtype)
+        model, tokenizer = load_for_inference(str(model), device=device, dtype=dtype)
     used = resolve_template(tokenizer, template, str(getattr(model, "name_or_path", "model")))
-    window = min(max_length or max_positions(model), max_positions(model))
+    window = min(max_length or model_max_positions(model), model_max_positions(model))
     enc, pairs, stats = encode_pairs(tokenizer, rows, window)
     if not pairs:
         raise DataError(f"{file}: no pair can be scored: every one lost a completion to the {window}-token context")
@@ -134,7 +133,7 @@ def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any =
     if reference is not None:
         ref_name = str(reference)
         if isinstance(reference, (str, Path)):
-            reference, reference_tokenizer = load_model(str(reference), device=device, dtype=dtype,
+            reference, reference_tokenizer = load_for_inference(str(reference), device=device, dtype=dtype,
                                                         what="reference model")
         else:
             ref_name = str(getattr(reference, "name_or_path", "reference"))

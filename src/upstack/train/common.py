@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from upstack.checkpoint import TORCH_DTYPE_NAMES, normalize_dtype, open_checkpoint
+from upstack.checkpoint import TORCH_DTYPE_NAMES, normalize_dtype
 from upstack.config import config_from_dict, config_to_dict
 from upstack.errors import CheckpointError, ConfigError, OutputExistsError, UpstackError
+from upstack.lm import check_model_path, forward_scored, read_upstack_json, to_device
 from upstack.outputs import atomic_output_dir, check_output_free
 
 log = logging.getLogger("upstack.train")
@@ -188,16 +189,6 @@ def parse_train_layers(spec: Union[str, list[int]], n_layers: Optional[int]) -> 
     return sorted(set(layers))
 
 
-def read_upstack_json(model_dir: str | Path) -> Optional[dict]:
-    path = Path(model_dir) / "upstack.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot parse ({e})") from None
-
-
 def decoder_layers(model) -> tuple[str, int]:
     """(module path of the decoder-layer list, its length): the ModuleList as long as num_hidden_layers."""
     import torch.nn as nn
@@ -261,152 +252,11 @@ def freeze_for_training(model, spec: Union[str, list[int]], model_dir: str) -> d
 
 
 # ------------------------------------------------------------------------------------------------
-# Model and tokenizer
+# Loss
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def check_model_path(path: str, what: str = "MODEL") -> None:
-    """A local checkpoint folder must have config.json; a hub id is only allowed online."""
-    p = Path(path)
-    if p.exists():
-        open_checkpoint(p, weights_required=True)  # strict: config.json parses, weights present and valid
-        return
-    if _offline() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
-        raise CheckpointError(f"{what} {path}: no such folder" + (
-            " (it is not a local folder, and the Hugging Face Hub is offline: HF_HUB_OFFLINE is set)"
-            if _offline() else ""))
-
-
-def checkpoint_dtype(path: str) -> str:
-    """The torch dtype name most of a checkpoint's floating tensors are stored in (float32 when unknown)."""
-    p = Path(path)
-    if p.is_dir():
-        try:
-            counts = open_checkpoint(p).dtypes
-            floats = {k: v for k, v in counts.items() if k in ("F32", "BF16", "F16", "F64")}
-            if floats:
-                return TORCH_DTYPE_NAMES[max(floats, key=floats.get)]
-        except UpstackError:
-            pass
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-            value = cfg.get("dtype") or cfg.get("torch_dtype")
-            if value in ("float32", "bfloat16", "float16"):
-                return value
-        except (OSError, json.JSONDecodeError):
-            pass
-        return "float32"
-    try:  # a hub id (online): its config says
-        from transformers import AutoConfig
-
-        value = str(getattr(AutoConfig.from_pretrained(path), "dtype", None) or "float32").removeprefix("torch.")
-        return value if value in ("float32", "bfloat16", "float16") else "float32"
-    except (OSError, ValueError):
-        return "float32"
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot load the tokenizer ({e})") from None
-    return tok
-
-
-def pad_token_id(tokenizer) -> int:
-    """The pad id for batches: the tokenizer's pad token, else eos, else 0 (padding is never a label)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-def load_model(path: str, dtype: str, attn_implementation: Optional[str] = None):
-    """AutoModelForCausalLM in the training dtype (fp32 master weights unless dtype == 'bf16')."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": torch.bfloat16 if dtype == "bf16" else torch.float32}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise CheckpointError(f"{path}: cannot load as a causal LM ({type(e).__name__}: {e})") from None
-
-
-def check_vocab(model, max_id: int, what: str = "the data") -> None:
-    """Token ids must index the model's embedding table (a tokenizer/model mismatch otherwise fails deep
-    inside the forward pass with an IndexError)."""
-    n = model.get_input_embeddings().num_embeddings
-    if max_id >= n:
-        raise ConfigError(f"the tokenizer gives {what} token id {max_id}, but the model's embedding table has "
-                          f"{n} rows: the tokenizer does not belong to this model")
-
-
-def supports_packed_positions(model) -> bool:
-    """True when restarting position_ids inside a row also stops attention at the restart.
-
-    transformers' masking utilities turn position-id restarts into a block-diagonal causal mask (sdpa,
-    eager, flex) or varlen kernels (flash attention) for models built on `create_causal_mask`, when the
-    forward gets position_ids and no 2D attention mask. Other models would attend across documents.
-    """
-    import sys
-
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"):
-        return False
-    module = sys.modules.get(type(model).__module__)
-    return bool(module and (hasattr(module, "create_causal_mask") or hasattr(module, "create_masks_for_generate")))
-
-
-def disable_dropout(model) -> None:
-    """DPO compares log-probs of the same sequences under two models: dropout would make them noisy."""
-    import torch.nn as nn
-
-    for mod in model.modules():
-        if isinstance(mod, nn.Dropout):
-            mod.p = 0.0
-        if isinstance(getattr(mod, "attention_dropout", None), float):
-            mod.attention_dropout = 0.0
-
-
-def forward_logits(model, batch: dict, logits_from: int = 0):
-    """The model's logits for a collated batch (the one forward call every stage uses); with
-    `logits_from`, only for positions logits_from.. (the lm_head skips the rest)."""
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if batch.get("attention_mask") is not None:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = batch["position_ids"]
-    if logits_from > 0:
-        kwargs["logits_to_keep"] = batch["input_ids"].shape[1] - logits_from
-    return model(**kwargs).logits
-
-
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    inner = getattr(model, "module", model)  # DDP and friends wrap the model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def forward_scored(model, batch: dict):
-    """(logits, labels) over the positions that can carry a label: prompts at the start of every row
-    (SFT, DPO) need no logits, and the lm_head over a large vocabulary is a big share of the work."""
-    start = batch.get("logits_from", 0)
-    if start and not _takes_logits_to_keep(model):
-        start = 0
-    logits = forward_logits(model, batch, start)
-    return logits, batch["labels"][:, start:]
+def master_dtype(cfg: TrainConfig) -> str:
+    """The dtype the weights are loaded and trained in: fp32 master weights unless dtype == 'bf16'."""
+    return "bfloat16" if cfg.dtype == "bf16" else "float32"
 
 
 def add_perplexity(metrics: dict, prefix: str) -> dict:
@@ -423,57 +273,6 @@ def lm_loss(model, batch: dict):
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     return loss, {}
 
-
-# ------------------------------------------------------------------------------------------------
-# Batches: rows made of segments (documents or examples), each with its own positions and labels
-
-def collate_segments(rows: list[list[tuple[Any, Any]]], pad_id: int, reset_positions: bool,
-                     pad_to_multiple_of: int = 1) -> dict:
-    """Rows of segments (token ids, label mask) -> a padded micro-batch of tensors.
-
-    A label mask marks the tokens the model must learn to produce. Labels are shifted here: position t
-    carries the id of token t+1 when token t+1 is a label token of the *same* segment, else -100, so no
-    loss ever crosses a segment boundary. With `reset_positions`, position_ids restart at 0 in every
-    segment and no 2D mask is passed, which transformers turns into attention that cannot cross
-    segments (see supports_packed_positions); padding forms its own segment at the end of a row.
-    Otherwise a 2D attention mask hides the padding and positions run through the row.
-    `pad_to_multiple_of` rounds the width up: on a GPU every new width costs kernel selection (cuDNN
-    attention builds a graph per shape), so fewer distinct widths run faster.
-    """
-    import numpy as np
-    import torch
-
-    lengths = [sum(len(ids) for ids, _ in row) for row in rows]
-    width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(rows)
-    input_ids = np.full((n, width), pad_id, dtype=np.int64)
-    labels = np.full((n, width), -100, dtype=np.int64)
-    positions = np.zeros((n, width), dtype=np.int64) if reset_positions else None
-    for r, row in enumerate(rows):
-        at = 0
-        for ids, mask in row:
-            k = len(ids)
-            input_ids[r, at:at + k] = ids
-            if k > 1:
-                nxt = np.asarray(ids[1:], dtype=np.int64)
-                labels[r, at:at + k - 1] = np.where(np.asarray(mask[1:], dtype=bool), nxt, -100)
-            if reset_positions:
-                positions[r, at:at + k] = np.arange(k)
-            at += k
-        if reset_positions and at < width:
-            positions[r, at:] = np.arange(width - at)
-    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
-    if reset_positions:
-        batch["position_ids"] = torch.from_numpy(positions)
-    elif min(lengths) < width:
-        am = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
-        batch["attention_mask"] = torch.from_numpy(am.astype(np.int64))
-    batch["n_tokens"] = int(sum(lengths))
-    has = labels != -100
-    batch["n_loss"] = int(has.sum())
-    # the first position any row predicts from: logits before it are never needed (forward_scored)
-    batch["logits_from"] = int(has.any(axis=0).argmax()) if batch["n_loss"] else 0
-    return batch
 
 
 class EpochOrder:
@@ -829,12 +628,6 @@ def total_steps(cfg: TrainConfig, n_items: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_items / global_batch))
 
 
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
 def _reduce(run: Run, values: list[float]):
     """Sum a list of numbers over processes (one collective)."""
     import torch
@@ -871,7 +664,7 @@ def evaluate(run: Run, model, task: Task) -> dict:
         for i in range(n_batches):
             idx = mine[i * b:(i + 1) * b]
             weight = 1.0 if idx else 0.0
-            batch = _to_device(task.eval_collate(idx or [0]), run.accelerator.device)
+            batch = to_device(task.eval_collate(idx or [0]), run.accelerator.device)
             with run.accelerator.autocast():
                 loss, stats = task.loss_fn(model, batch)
             sums["__loss"] = sums.get("__loss", 0.0) + weight * float(loss)
@@ -977,7 +770,7 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
                 sums: dict[str, Any] = {}
                 grad_norm = None
                 for mb in micro:
-                    mb = _to_device(mb, acc.device)
+                    mb = to_device(mb, acc.device)
                     with acc.accumulate(model):
                         with acc.autocast():
                             loss, stats = task.loss_fn(model, mb)

@@ -27,11 +27,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from upstack.errors import ConfigError, DataError
+from upstack.data.chat import TEMPLATES, encode_pairs, resolve_template
 from upstack.outputs import atomic_file
+from upstack.lm import (
+    check_model_path, check_same_vocab, check_token_ids, checkpoint_dtype, collate_segments, disable_dropout,
+    forward_scored, load_model, load_tokenizer, pad_token_id, sequence_logps,
+)
 from upstack.train.common import (
-    Run, Task, TrainConfig, check_config, check_model_path, check_vocab, checkpoint_dtype, collate_segments,
-    data_specs, disable_dropout, forward_scored, freeze_for_training, load_model, load_tokenizer, pad_token_id,
-    prepare_model, save_final, seed_everything, start_run, total_steps, train_loop, EpochOrder,
+    EpochOrder, Run, Task, TrainConfig, check_config, data_specs, freeze_for_training, master_dtype, prepare_model,
+    save_final, seed_everything, start_run, total_steps, train_loop,
 )
 
 log = logging.getLogger("upstack.train")
@@ -70,15 +74,6 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta
     raise ConfigError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
 
 
-def sequence_logps(logits, labels):
-    """(summed log-prob of each row's label tokens, number of label tokens) for shifted labels."""
-    import torch.nn.functional as F
-
-    per_token = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                 reduction="none").view(labels.shape)
-    return per_token.sum(-1), (labels != -100).sum(-1)
-
-
 def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
               ref_model=None, rpo_alpha: float = 0.0):
     """(summed loss over the batch's pairs, summed statistics) for a collated pair batch: rows 0..n-1 are
@@ -109,32 +104,6 @@ def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", la
                  "rewards/accuracy": (chosen_r > rejected_r).float().sum(),
                  "logps/chosen": pc.sum(), "logps/rejected": pr.sum(), "nll/chosen": nll.sum()}
     return losses.sum(), stats
-
-
-def encode_pairs(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool = False):
-    """Encode prompt+chosen and prompt+rejected of every pair (completion tokens labelled); keep pairs
-    where both sides still have completion tokens after truncation. Returns (encoded, kept pairs, stats)
-    where pair p is sequences kept[p] = (chosen index, rejected index)."""
-    from upstack.train.chat import encode_conversations
-
-    convs, train_from = [], []
-    for r in rows:
-        for side in ("chosen", "rejected"):
-            convs.append(list(r["prompt"]) + list(r[side]))
-            train_from.append(len(r["prompt"]))
-    enc = encode_conversations(tokenizer, convs, train_from, max_length, skip_bad_rows=skip_bad_rows)
-    by_conv = {c: s for s, c in enumerate(enc.source_rows)}
-    kept = []
-    for p in range(len(rows)):
-        c, r = by_conv.get(2 * p), by_conv.get(2 * p + 1)
-        if c is None or r is None:
-            continue
-        if enc.get(c)[1][1:].any() and enc.get(r)[1][1:].any():
-            kept.append((c, r))
-    stats = dict(enc.stats)
-    stats["pairs"] = len(rows)
-    stats["pairs_dropped"] = len(rows) - len(kept)
-    return enc, kept, stats
 
 
 def _prepare_reference(run: Run, ref):
@@ -194,7 +163,6 @@ def score_pairs(run: Run, model, pair_ids: list[int], collate):
 def dpo(cfg: DPOConfig) -> dict:
     """Run DPO; returns the summary (final loss, rewards, margins, accuracy; eval metrics; out path)."""
     from upstack.data.loading import load_dpo_rows
-    from upstack.train.chat import TEMPLATES, resolve_template
 
     check_config(cfg)
     problems = []
@@ -214,7 +182,7 @@ def dpo(cfg: DPOConfig) -> dict:
         raise ConfigError("; ".join(problems))
     if cfg.ref_model:
         check_model_path(cfg.ref_model, "--ref-model")
-        _check_same_vocab(cfg.model, cfg.ref_model)
+        check_same_vocab(cfg.model, cfg.ref_model)
     specs = data_specs(cfg.data)
     eval_specs = data_specs(cfg.eval_data, "eval_data")
     with start_run(cfg, "dpo") as run:
@@ -245,10 +213,10 @@ def dpo(cfg: DPOConfig) -> dict:
             eval_pairs = [pairs[i] for i in sorted(held)]
             pairs = [p for i, p in enumerate(pairs) if i not in held]
 
-        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
         input_dtype = checkpoint_dtype(cfg.model)
         disable_dropout(model)
-        check_vocab(model, max(int(enc.ids.max(initial=0)), int(eval_enc.ids.max(initial=0))))
+        check_token_ids(model, max(int(enc.ids.max(initial=0)), int(eval_enc.ids.max(initial=0))))
         layers = freeze_for_training(model, cfg.train_layers, cfg.model)
         pad_id = pad_token_id(tokenizer)
         ref_logps = {"train": None, "eval": None}
@@ -280,7 +248,8 @@ def dpo(cfg: DPOConfig) -> dict:
                                               len(eval_pairs)))
             run.info["ref_logps_seconds"] = time.perf_counter() - t0
         else:
-            ref_model = _prepare_reference(run, load_model(ref_path, cfg.dtype, cfg.attn_implementation))
+            ref_model = _prepare_reference(run, load_model(ref_path, dtype=master_dtype(cfg),
+                                                           attn_implementation=cfg.attn_implementation))
 
         def loss_fn(m, batch):
             return pair_loss(m, batch, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -317,7 +286,8 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
     if run.resume_from is not None and not cfg.ref_model:
         log.warning("the reference log-prob cache is missing; scoring with the starting model")
     own = not cfg.ref_model and run.resume_from is None
-    scorer = model if own else _prepare_reference(run, load_model(ref_path, cfg.dtype, cfg.attn_implementation))
+    scorer = model if own else _prepare_reference(
+        run, load_model(ref_path, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation))
     run.log(f"scoring {len(used)} training and {n_eval} eval pairs with the reference model"
             f"{' (the starting policy)' if own else ' ' + ref_path}")
     train = torch.zeros(n_train, 2)
@@ -336,22 +306,6 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
             save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
     run.accelerator.wait_for_everyone()
     return {"train": result["train"], "eval": result.get("eval")}
-
-
-def _check_same_vocab(model: str, ref: str) -> None:
-    """Log-probs are only comparable over the same vocabulary."""
-    import json
-    from pathlib import Path
-
-    sizes = []
-    for path in (model, ref):
-        try:
-            sizes.append(json.loads((Path(path) / "config.json").read_text()).get("vocab_size"))
-        except (OSError, ValueError):
-            return  # a hub id: transformers will load it
-    if sizes[0] != sizes[1]:
-        raise ConfigError(f"--ref-model {ref} has vocab_size {sizes[1]} but {model} has {sizes[0]}: the reference "
-                          "must use the policy's tokenizer")
 
 
 def _margin(metrics: dict, prefix: str) -> dict:

@@ -19,10 +19,13 @@ from pathlib import Path
 
 from upstack.errors import ConfigError, DataError
 from upstack.outputs import atomic_file
+from upstack.lm import (
+    check_token_ids, checkpoint_dtype, collate_segments, load_model, load_tokenizer, pad_token_id,
+    supports_packed_positions,
+)
 from upstack.train.common import (
-    Run, Task, TrainConfig, add_perplexity, check_config, check_vocab, checkpoint_dtype, collate_segments, data_specs,
-    freeze_for_training, lm_loss, load_model, load_tokenizer, pad_token_id, prepare_model, save_final,
-    seed_everything, start_run, supports_packed_positions, train_loop,
+    Run, Task, TrainConfig, add_perplexity, check_config, data_specs, freeze_for_training, lm_loss, master_dtype,
+    prepare_model, save_final, seed_everything, start_run, train_loop,
 )
 
 log = logging.getLogger("upstack.train")
@@ -149,9 +152,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         elif cfg.eval_fraction and run.is_main:
             log.warning("eval_fraction: the corpus is a single block; no eval split")
 
-        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
         input_dtype = checkpoint_dtype(cfg.model)
-        check_vocab(model, max(meta["max_id"], eval_meta["max_id"] if eval_specs else 0))
+        check_token_ids(model, max(meta["max_id"], eval_meta["max_id"] if eval_specs else 0))
         reset = supports_packed_positions(model)
         if not reset and run.is_main:
             log.warning(f"{type(model).__name__} cannot stop attention at position restarts: documents packed "

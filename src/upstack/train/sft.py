@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from upstack.errors import ConfigError, DataError
+from upstack.data.chat import TEMPLATES, encode_sft_rows, resolve_template
+from upstack.lm import (
+    check_token_ids, checkpoint_dtype, collate_segments, load_model, load_tokenizer, pad_token_id,
+    supports_packed_positions,
+)
 from upstack.train.common import (
-    Task, TrainConfig, add_perplexity, check_config, check_vocab, checkpoint_dtype, collate_segments, data_specs,
-    freeze_for_training, lm_loss, load_model, load_tokenizer, pad_token_id, prepare_model, save_final,
-    seed_everything, start_run, supports_packed_positions, train_loop,
+    Task, TrainConfig, add_perplexity, check_config, data_specs, freeze_for_training, lm_loss, master_dtype,
+    prepare_model, save_final, seed_everything, start_run, train_loop,
 )
 
 log = logging.getLogger("upstack.train")
@@ -44,16 +48,6 @@ def pack_examples(order: list[int], lengths: list[int], max_length: int) -> list
     return rows
 
 
-def encode_sft_rows(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool = False):
-    """Encoded conversations (all assistant turns trained) and the indices that keep response tokens."""
-    from upstack.train.chat import encode_conversations
-
-    enc = encode_conversations(tokenizer, [r["messages"] for r in rows], [0] * len(rows), max_length,
-                               skip_bad_rows=skip_bad_rows)
-    keep = [i for i in range(len(enc)) if enc.get(i)[1][1:].any()]
-    return enc, keep
-
-
 def describe_truncation(stats: dict, max_length: int, what: str = "rows") -> Optional[str]:
     if not stats["truncated"]:
         return None
@@ -67,7 +61,6 @@ def sft(cfg: SFTConfig) -> dict:
     import numpy as np
 
     from upstack.data.loading import load_sft_rows
-    from upstack.train.chat import TEMPLATES, resolve_template
 
     check_config(cfg)
     if cfg.template not in TEMPLATES:
@@ -98,14 +91,14 @@ def sft(cfg: SFTConfig) -> dict:
             eval_enc, eval_keep = enc, [keep[i] for i in sorted(held)]
             keep = [k for i, k in enumerate(keep) if i not in held]
 
-        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
         input_dtype = checkpoint_dtype(cfg.model)
         supported = supports_packed_positions(model)
         packing = supported if cfg.packing is None else cfg.packing
         if packing and not supported:
             log.warning(f"--packing on {type(model).__name__}: this model cannot stop attention at position "
                         "restarts, so packed examples attend to each other (cross-contamination)")
-        check_vocab(model, max(int(enc.ids.max(initial=0)),
+        check_token_ids(model, max(int(enc.ids.max(initial=0)),
                                int(eval_enc.ids.max(initial=0)) if eval_enc is not None else 0))
         layers = freeze_for_training(model, cfg.train_layers, cfg.model)
         run.info.update({"template": template, "packing": packing, "rows": len(rows),

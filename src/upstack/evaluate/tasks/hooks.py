@@ -8,7 +8,7 @@ a `train` split.
 
 from __future__ import annotations
 
-from upstack.evaluate.tasks.formats import load_docs
+from upstack.data.benchmarks import load_docs
 
 
 def _dataset(fmt: str, eval_file: str, fewshot_file: str | None = None):

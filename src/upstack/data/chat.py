@@ -17,7 +17,7 @@ from typing import Any
 
 from upstack.errors import ConfigError, DataError
 
-log = logging.getLogger("upstack.train")
+log = logging.getLogger("upstack.data")
 
 TEMPLATES = ("auto", "chat", "alpaca")
 
@@ -195,3 +195,35 @@ def _encode_by_pieces(tokenizer, text: str, spans: list[tuple[int, int]]):
                 mask.extend([is_resp] * len(toks))
         at = e
     return ids, np.asarray(mask, dtype=bool)
+
+
+def encode_sft_rows(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool = False):
+    """Encoded conversations (all assistant turns trained) and the indices that keep response tokens."""
+    enc = encode_conversations(tokenizer, [r["messages"] for r in rows], [0] * len(rows), max_length,
+                               skip_bad_rows=skip_bad_rows)
+    keep = [i for i in range(len(enc)) if enc.get(i)[1][1:].any()]
+    return enc, keep
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool = False):
+    """Encode prompt+chosen and prompt+rejected of every pair (completion tokens labelled); keep pairs
+    where both sides still have completion tokens after truncation. Returns (encoded, kept pairs, stats)
+    where pair p is sequences kept[p] = (chosen index, rejected index)."""
+    convs, train_from = [], []
+    for r in rows:
+        for side in ("chosen", "rejected"):
+            convs.append(list(r["prompt"]) + list(r[side]))
+            train_from.append(len(r["prompt"]))
+    enc = encode_conversations(tokenizer, convs, train_from, max_length, skip_bad_rows=skip_bad_rows)
+    by_conv = {c: s for s, c in enumerate(enc.source_rows)}
+    kept = []
+    for p in range(len(rows)):
+        c, r = by_conv.get(2 * p), by_conv.get(2 * p + 1)
+        if c is None or r is None:
+            continue
+        if enc.get(c)[1][1:].any() and enc.get(r)[1][1:].any():
+            kept.append((c, r))
+    stats = dict(enc.stats)
+    stats["pairs"] = len(rows)
+    stats["pairs_dropped"] = len(rows) - len(kept)
+    return enc, kept, stats

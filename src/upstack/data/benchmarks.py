@@ -308,6 +308,15 @@ def _strings(value) -> list[str]:
     return []
 
 
+def parse_benchmark(spec: str) -> tuple[str, str]:
+    """'gsm8k=path' -> ('gsm8k', 'path'); 'path' -> (name from the file or folder, 'path')."""
+    name, sep, path = spec.partition("=")
+    if sep and name and not Path(spec).exists() and re.fullmatch(r"[\w.-]+", name):
+        return name, path
+    p = Path(spec)
+    return (p.name if p.is_dir() else p.stem), spec
+
+
 def benchmark_files(path: str | Path) -> list[Path]:
     """A benchmark given as a file, or a folder searched recursively for .jsonl/.json/.csv/.txt files."""
     path = Path(path)

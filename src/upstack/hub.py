@@ -1,0 +1,25 @@
+"""What upstack knows about the Hugging Face Hub: whether it may be reached, and what a hub id looks like."""
+
+from __future__ import annotations
+
+import os
+import re
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def hub_offline() -> bool:
+    """True when any of the Hugging Face offline switches is set (the Hub must not be contacted)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
+
+
+def offline_reason() -> str:
+    """Which variable made us offline, for messages."""
+    on = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    return f"{'/'.join(on) or 'HF_HUB_OFFLINE'} is set"
+
+
+def is_hub_id(text: str) -> bool:
+    """`org/name` or `name`, as the Hub spells repository ids (never a path starting with . / ~)."""
+    return bool(_HUB_ID.fullmatch(text)) and not text.startswith((".", "/", "~"))

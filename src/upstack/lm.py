@@ -1,0 +1,357 @@
+"""The model layer: the one place that opens a model and its tokenizer, and scores sequences with it.
+
+Training (pretrain, sft, dpo), evaluation (perplexity, preference, contamination) and every later
+stage that needs a live model go through here, so that they agree on:
+- which paths are models: a local checkpoint folder passes the checkpoint gate (strict headers, no path
+  outside the folder, no pickle unless asked); a Hub id is allowed online, and offline only when it is in
+  the local Hugging Face cache;
+- how a model is loaded (dtype, device, no remote code) and what its limits are (max positions,
+  vocabulary), and how a tokenizer's ids are checked against the model's embedding table;
+- how rows of token segments become a batch (`collate_segments`) and how a batch is scored
+  (`forward_scored`, `sequence_logps`).
+
+torch and transformers are imported inside the functions that need them: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from upstack.checkpoint import TORCH_DTYPE_NAMES, open_checkpoint, read_config
+from upstack.errors import CheckpointError, ConfigError, UpstackError
+from upstack.hub import hub_offline, is_hub_id, offline_reason
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+DEFAULT_MAX_POSITIONS = 2048
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths: the one check every command makes before it loads a model
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of a Hub model already in the Hugging Face cache, if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def check_model_path(path: str, what: str = "model", *, allow_pickle: bool = False) -> None:
+    """Refuse, in one line, a model path that cannot be loaded safely; load nothing.
+
+    A local folder must hold config.json and pass the checkpoint gate (`open_checkpoint`); a Hub id is
+    accepted online (transformers fetches it) and offline only when the cache already holds it."""
+    p = Path(path)
+    if not p.exists() and is_hub_id(path):
+        if not hub_offline():
+            return
+        cached = _cached_snapshot(path)
+        if cached is None:
+            raise CheckpointError(f"{what} {path}: no such folder (it is not a local folder, and the Hugging Face "
+                                  f"Hub is offline: {offline_reason()}, and the model is not in the local cache)")
+        p = cached
+    if not p.exists():
+        raise CheckpointError(f"{what} {path}: no such folder")
+    if not p.is_dir():
+        raise CheckpointError(f"{what} {path}: not a folder (expected a Hugging Face checkpoint folder)")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{what} {path}: not a loadable checkpoint folder (no config.json)")
+    try:
+        open_checkpoint(p, allow_pickle=allow_pickle, weights_required=True)
+    except CheckpointError as e:
+        msg = str(e).removeprefix(f"{p}: ")
+        raise CheckpointError(f"cannot load {what} {path}: {msg}") from None
+
+
+def model_config(path: str) -> dict | None:
+    """config.json of a local checkpoint folder (None for a Hub id or an unreadable file)."""
+    try:
+        return read_config(path) if Path(path).is_dir() else None
+    except UpstackError:
+        return None
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The torch dtype name most of a checkpoint's floating tensors are stored in (float32 when unknown)."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            counts = open_checkpoint(p).dtypes
+            floats = {k: v for k, v in counts.items() if k in ("F32", "BF16", "F16", "F64")}
+            if floats:
+                return TORCH_DTYPE_NAMES[max(floats, key=floats.get)]
+        except UpstackError:
+            pass
+        cfg = model_config(path) or {}
+        value = cfg.get("dtype") or cfg.get("torch_dtype")
+        return value if value in ("float32", "bfloat16", "float16") else "float32"
+    try:  # a hub id (online): its config says
+        from transformers import AutoConfig
+
+        value = str(getattr(AutoConfig.from_pretrained(path), "dtype", None) or "float32").removeprefix("torch.")
+        return value if value in ("float32", "bfloat16", "float16") else "float32"
+    except (OSError, ValueError):
+        return "float32"
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence a model's config allows (a loaded model, its config object, or a dict)."""
+    cfg = getattr(config, "config", config)
+    cfg = (cfg.get("text_config") if isinstance(cfg, dict) else getattr(cfg, "text_config", None)) or cfg
+    for key in POSITION_KEYS:
+        value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_max_positions(model: Any) -> int:
+    """max_positions of a loaded model, with the conventional 2048 when its config names none."""
+    return max_positions(model) or DEFAULT_MAX_POSITIONS
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+def resolve_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        return "auto"
+    value = getattr(torch, dtype, None) if dtype in DTYPES else None
+    if value is None:
+        raise ConfigError(f"--dtype {dtype}: not a torch dtype ({', '.join(DTYPES)})")
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_tokenizer(path: str, what: str = "model"):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from None
+
+
+def load_model(path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str | None = None,
+               what: str = "model"):
+    """AutoModelForCausalLM from a checked path, without remote code; on `device` when given."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": False}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        raise CheckpointError(f"cannot load {what} {path}: {_first_line(e)}") from None
+    return model.to(device) if device else model
+
+
+def load_for_inference(path: str, *, device: str | None = None, dtype: str = "auto", what: str = "model"):
+    """(model, tokenizer) in eval mode on `device` (default: cuda when available), after the path check."""
+    check_model_path(path, what)
+    model = load_model(path, dtype=dtype, device=resolve_device(device), what=what).eval()
+    tok = load_tokenizer(path, what)
+    n = model.get_input_embeddings().num_embeddings
+    if len(tok) > n:
+        log.warning("%s %s: tokenizer has %d tokens but the model only %d embeddings; texts using the extra "
+                    "tokens cannot be scored", what, path, len(tok), n)
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------------
+# Compatibility of tokenizers and models
+
+def pad_token_id(tokenizer) -> int:
+    """The pad id for batches: the tokenizer's pad token, else eos, else 0 (padding is never a label)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def check_token_ids(model, max_id: int, where: str = "the data") -> None:
+    """Token ids must index the model's embedding table (a tokenizer/model mismatch otherwise fails deep
+    inside the forward pass with an IndexError)."""
+    n = model.get_input_embeddings().num_embeddings
+    if max_id >= n:
+        raise ConfigError(f"{where}: the tokenizer gives token id {max_id}, but the model's embedding table has "
+                          f"{n} rows: the tokenizer does not belong to this model")
+
+
+def same_tokenizer(a, b) -> bool:
+    """Two loaded tokenizers split text the same way (same class, same vocabulary)."""
+    return type(a).__name__ == type(b).__name__ and a.get_vocab() == b.get_vocab()
+
+
+def check_same_vocab(model: str, other: str, what: str = "--ref-model") -> None:
+    """Log-probs of two models are only comparable over the same vocabulary (checked from config.json)."""
+    sizes = [(model_config(p) or {}).get("vocab_size") for p in (model, other)]
+    if None in sizes:
+        return  # a hub id: transformers will load it
+    if sizes[0] != sizes[1]:
+        raise ConfigError(f"{what} {other} has vocab_size {sizes[1]} but {model} has {sizes[0]}: the reference "
+                          "must use the policy's tokenizer")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model behaviour the batching relies on
+
+def supports_packed_positions(model) -> bool:
+    """True when restarting position_ids inside a row also stops attention at the restart.
+
+    transformers' masking utilities turn position-id restarts into a block-diagonal causal mask (sdpa,
+    eager, flex) or varlen kernels (flash attention) for models built on `create_causal_mask`, when the
+    forward gets position_ids and no 2D attention mask. Other models would attend across documents.
+    """
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"):
+        return False
+    module = sys.modules.get(type(model).__module__)
+    return bool(module and (hasattr(module, "create_causal_mask") or hasattr(module, "create_masks_for_generate")))
+
+
+def disable_dropout(model) -> None:
+    """Scoring the same sequences twice (DPO's policy and reference) must give the same log-probs."""
+    import torch.nn as nn
+
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, "attention_dropout", None), float):
+            mod.attention_dropout = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches: rows made of segments (documents or examples), each with its own positions and labels
+
+def collate_segments(rows: list[list[tuple[Any, Any]]], pad_id: int, reset_positions: bool,
+                     pad_to_multiple_of: int = 1) -> dict:
+    """Rows of segments (token ids, label mask) -> a padded micro-batch of tensors.
+
+    A label mask marks the tokens the model must learn to produce. Labels are shifted here: position t
+    carries the id of token t+1 when token t+1 is a label token of the *same* segment, else -100, so no
+    loss ever crosses a segment boundary. With `reset_positions`, position_ids restart at 0 in every
+    segment and no 2D mask is passed, which transformers turns into attention that cannot cross
+    segments (see supports_packed_positions); padding forms its own segment at the end of a row.
+    Otherwise a 2D attention mask hides the padding and positions run through the row.
+    `pad_to_multiple_of` rounds the width up: on a GPU every new width costs kernel selection (cuDNN
+    attention builds a graph per shape), so fewer distinct widths run faster.
+    """
+    import numpy as np
+    import torch
+
+    lengths = [sum(len(ids) for ids, _ in row) for row in rows]
+    width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(rows)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), -100, dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64) if reset_positions else None
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, mask in row:
+            k = len(ids)
+            input_ids[r, at:at + k] = ids
+            if k > 1:
+                nxt = np.asarray(ids[1:], dtype=np.int64)
+                labels[r, at:at + k - 1] = np.where(np.asarray(mask[1:], dtype=bool), nxt, -100)
+            if reset_positions:
+                positions[r, at:at + k] = np.arange(k)
+            at += k
+        if reset_positions and at < width:
+            positions[r, at:] = np.arange(width - at)
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+    if reset_positions:
+        batch["position_ids"] = torch.from_numpy(positions)
+    elif min(lengths) < width:
+        am = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+        batch["attention_mask"] = torch.from_numpy(am.astype(np.int64))
+    batch["n_tokens"] = int(sum(lengths))
+    has = labels != -100
+    batch["n_loss"] = int(has.sum())
+    # the first position any row predicts from: logits before it are never needed (forward_scored)
+    batch["logits_from"] = int(has.any(axis=0).argmax()) if batch["n_loss"] else 0
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (counts and other plain values as they are)."""
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+
+def forward_logits(model, batch: dict, logits_from: int = 0):
+    """The model's logits for a collated batch (the one forward call every stage uses); with
+    `logits_from`, only for positions logits_from.. (the lm_head skips the rest)."""
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    if logits_from > 0:
+        kwargs["logits_to_keep"] = batch["input_ids"].shape[1] - logits_from
+    return model(**kwargs).logits
+
+
+def _takes_logits_to_keep(model) -> bool:
+    inner = getattr(model, "module", model)  # DDP and friends wrap the model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_scored(model, batch: dict):
+    """(logits, labels) over the positions that can carry a label: prompts at the start of every row
+    (SFT, DPO) need no logits, and the lm_head over a large vocabulary is a big share of the work."""
+    start = batch.get("logits_from", 0)
+    if start and not _takes_logits_to_keep(model):
+        start = 0
+    logits = forward_logits(model, batch, start)
+    return logits, batch["labels"][:, start:]
+
+
+def sequence_logps(logits, labels):
+    """(summed log-prob of each row's label tokens, number of label tokens) for shifted labels."""
+    import torch.nn.functional as F
+
+    per_token = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
+    return per_token.sum(-1), (labels != -100).sum(-1)
+
+
+def read_upstack_json(model_dir: str | Path) -> dict | None:
+    """The provenance record (upstack.json) an upstack stage wrote into a checkpoint, if any."""
+    path = Path(model_dir) / "upstack.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot parse ({e})") from None
