@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from upstack.arch import ARCHS, format_layer_ranges
+from upstack.checkpoint import inspect_checkpoint, read_config, verify_checkpoint
 from upstack.commands.output import format_table, human_bytes, print_json
+from upstack.upscale import UpscaleConfig, upscale
 
 ORDER = 10
 
@@ -77,12 +81,6 @@ def register(sub, common) -> None:
 
 
 def run_upscale(args) -> int:
-    import sys
-
-    from upstack.arch import ARCHS
-    from upstack.checkpoint import read_config
-    from upstack.upscale import UpscaleConfig, compress_ranges, upscale
-
     cfg = UpscaleConfig(
         source=args.source, out=args.out, method=args.method, m=args.m, layers=args.layers, every=args.every,
         dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -109,7 +107,7 @@ def run_upscale(args) -> int:
             start = k
     print(format_table(["output layers", "<- source layers"], rows))
     if report["new_layers"]:
-        print(f"zero-initialised (identity) blocks: {compress_ranges(report['new_layers'])}")
+        print(f"zero-initialised (identity) blocks: {format_layer_ranges(report['new_layers'])}")
     for key, ch in report["config_changes"].items():
         print(f"config {key}: {_short(ch['from'])} -> {_short(ch['to'])}")
     for note in report["notes"]:
@@ -126,8 +124,6 @@ def _short(v) -> str:
 
 
 def run_inspect(args) -> int:
-    from upstack.checkpoint import inspect_checkpoint
-
     info = inspect_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     if args.json:
         print_json(info)
@@ -158,8 +154,6 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
-    from upstack.checkpoint import verify_checkpoint
-
     report = verify_checkpoint(args.checkpoint, load=args.load, allow_pickle=args.allow_pickle)
     if args.json:
         print_json(report)
