@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from upstack.arch import (
-    ARCHS, GENERIC, ArchSpec, LayerField, embed_name, format_layer_ranges, is_head, parse_layer_ranges,
-    remap_config, tied,
+    ARCHS, GENERIC, ArchSpec, LayerField, embed_name, format_layer_ranges, is_head, layer_runs,
+    parse_layer_ranges, remap_config, tied,
 )
 from upstack.errors import ConfigError, UpstackError
 
@@ -128,6 +128,8 @@ def test_layer_ranges_parse_and_print():
     assert parse_layer_ranges("0-3,3,4-7", 8) == [0, 1, 2, 3, 3, 4, 5, 6, 7]
     assert format_layer_ranges([0, 1, 2, 3, 8, 9, 11]) == "0-3,8-9,11"
     assert format_layer_ranges([]) == ""
+    assert layer_runs(DUS_4_1) == [(0, 2, 0, 2), (3, 5, 1, 3)]
+    assert layer_runs([0, 0, 1]) == [(0, 0, 0, 0), (1, 2, 0, 1)] and layer_runs([]) == []
     # the syntax train_layers accepts: indices and ranges, spaces allowed; no model size needed
     assert parse_layer_ranges(" 0 - 3 , 8 ") == [0, 1, 2, 3, 8]
     assert parse_layer_ranges("40-41") == [40, 41]

@@ -122,9 +122,7 @@ def tied(config: dict, tensor_names: Iterable[str], arch: ArchSpec = GENERIC) ->
     return config.get("tie_word_embeddings") is True or arch.head_name not in tensor_names
 
 
-# --------------------------------------------------------------------------------------------------
 # Layer ranges: "0-23,8-31" (end-inclusive) <-> [0..23, 8..31]
-# --------------------------------------------------------------------------------------------------
 
 def parse_layer_ranges(text: str, n: int | None = None, *, flag: str = "--layers") -> list[int]:
     """'0-23,8-31' -> [0..23, 8..31] (end-inclusive); single indices allowed ('0-3,3,4-7').
@@ -149,6 +147,17 @@ def parse_layer_ranges(text: str, n: int | None = None, *, flag: str = "--layers
             raise ConfigError(f"{flag} {text!r}: range {part!r} runs backwards")
         out.extend(range(a, b + 1))
     return out
+
+
+def layer_runs(layer_map: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive output layers copying consecutive source layers, as
+    (first output, last output, first source, last source): [0,1,2,1,2] -> [(0,2,0,2), (3,4,1,2)]."""
+    runs, start = [], 0
+    for k in range(1, len(layer_map) + 1):
+        if k == len(layer_map) or layer_map[k] != layer_map[k - 1] + 1:
+            runs.append((start, k - 1, layer_map[start], layer_map[k - 1]))
+            start = k
+    return runs
 
 
 def format_layer_ranges(values: list[int]) -> str:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from upstack import __version__
 from upstack.arch import (
-    ArchSpec, format_layer_ranges, get_arch, layer_name, num_layers, parse_layer_ranges, remap_config,
-    split_layer_name,
+    ArchSpec, format_layer_ranges, get_arch, layer_name, layer_runs, num_layers, parse_layer_ranges,
+    remap_config, split_layer_name,
 )
 from upstack.checkpoint import (
     DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output,
@@ -204,12 +204,7 @@ def upscale_model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, l
         "recover from the seam before it is useful.", "",
         "| output layers | source layers |", "|---|---|",
     ]
-    lm = layer_plan.layer_map
-    start = 0
-    for k in range(1, len(lm) + 1):
-        if k == len(lm) or lm[k] != lm[k - 1] + 1:
-            lines.append(f"| {start}-{k - 1} | {lm[start]}-{lm[k - 1]} |")
-            start = k
+    lines += [f"| {a}-{b} | {sa}-{sb} |" for a, b, sa, sb in layer_runs(layer_plan.layer_map)]
     if layer_plan.new_layers:
         lines += ["", f"Zero-initialised residual outputs (identity blocks) in output layers "
                       f"{format_layer_ranges(layer_plan.new_layers)}."]

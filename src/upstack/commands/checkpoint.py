@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from upstack.arch import ARCHS, format_layer_ranges
+from upstack.arch import ARCHS, format_layer_ranges, layer_runs
 from upstack.checkpoint import inspect_checkpoint, read_config, verify_checkpoint
 from upstack.commands.output import format_table, human_bytes, print_json
 from upstack.upscale import UpscaleConfig, upscale
@@ -96,15 +96,10 @@ def run_upscale(args) -> int:
     if args.json:
         print_json(report)
         return 0
-    lm = report["layer_map"]
     print(f"{report['description']}: {report['source_num_hidden_layers']} -> {report['num_hidden_layers']} layers "
           f"({report['model_type']})")
-    rows, start = [], 0
-    for k in range(1, len(lm) + 1):
-        if k == len(lm) or lm[k] != lm[k - 1] + 1:
-            rows.append([f"{start}-{k - 1}" if k - 1 > start else str(start),
-                         f"{lm[start]}-{lm[k - 1]}" if k - 1 > start else str(lm[start])])
-            start = k
+    rows = [[f"{a}-{b}", f"{sa}-{sb}"] if b > a else [str(a), str(sa)]
+            for a, b, sa, sb in layer_runs(report["layer_map"])]
     print(format_table(["output layers", "<- source layers"], rows))
     if report["new_layers"]:
         print(f"zero-initialised (identity) blocks: {format_layer_ranges(report['new_layers'])}")

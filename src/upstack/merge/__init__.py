@@ -37,7 +37,9 @@ from upstack.merge.settings import (
 from upstack.merge.spec import REQUIRED, MethodSpec
 from upstack.merge.stage import FLOAT_DTYPES, merge
 from upstack.merge.streaming import CHUNK_BYTES, chunk_elements, default_workers
-from upstack.merge.summary import format_param, merge_model_card, resolved_config, summarize_groups, tensor_group
+from upstack.merge.summary import (
+    format_param, merge_model_card, resolved_config, summarize_groups, tensor_group,
+)
 
 __all__ = [
     "ALIASES", "BLOCK", "CHUNK_BYTES", "BOOL_PARAMS", "FLOAT_DTYPES", "METHODS", "REQUIRED", "SLERP_DOT_THRESHOLD", "SLERP_EPS",

@@ -7,7 +7,8 @@ from upstack.checkpoint import Checkpoint, check_same_tokenizer_files
 from upstack.errors import UpstackError
 
 
-def check_compatible(ref: Checkpoint, ref_label: str, other: Checkpoint, other_label: str, arch: ArchSpec = GENERIC) -> None:
+def check_compatible(ref: Checkpoint, ref_label: str, other: Checkpoint, other_label: str,
+                     arch: ArchSpec = GENERIC) -> None:
     """Refuse to merge `other` with `ref` unless they are variants of one model: same architecture,
     vocabulary and tokenizer, tensor names and shapes, and output heads of one shape (the embedding
     standing in for a tied head)."""

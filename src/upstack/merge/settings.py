@@ -83,9 +83,7 @@ def config_from_yaml(path: str | Path, **overrides) -> MergeConfig:
 
 
 
-# --------------------------------------------------------------------------------------------------
 # Parameter settings: scalars, gradients over depth, per-tensor-group filters (mergekit's format)
-# --------------------------------------------------------------------------------------------------
 
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
