@@ -18,7 +18,7 @@ from upstack.arch import (
 )
 from upstack.checkpoint import (
     DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output,
-    load_tensor, model_card_front_matter, normalize_dtype, open_checkpoint, resolve_model_dir,
+    load_tensor, meta_model, model_card_front_matter, normalize_dtype, open_checkpoint, resolve_model_dir,
     set_config_dtype, tensor_to_bytes, write_surgery_output,
 )
 from upstack.config import parse_bytes
@@ -168,15 +168,9 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype:
 
 def count_parameters_from_config(config: dict) -> int:
     """Exact parameter count of a config, by building the model on the meta device (no memory)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg_dict = {k: v for k, v in config.items() if k not in ("architectures",)}
-    model_type = cfg_dict.pop("model_type")
+    model_type = config["model_type"]
     try:
-        cfg = AutoConfig.for_model(model_type, **cfg_dict)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = meta_model(config)
     except Exception as e:  # transformers raises several types for configs it cannot build
         raise UpstackError(f"cannot count parameters for model_type={model_type!r} from config.json "
                            f"({type(e).__name__}: {e})") from None

@@ -17,7 +17,7 @@ from upstack.checkpoint.reader import (
     read_safetensors_header, read_tensor_bytes, resolve_model_dir, tensor_to_bytes,
 )
 from upstack.checkpoint.tokenizer_files import check_same_tokenizer_files, token_table
-from upstack.checkpoint.verify import inspect_checkpoint, verify_checkpoint
+from upstack.checkpoint.verify import inspect_checkpoint, meta_model, verify_checkpoint
 from upstack.checkpoint.writer import (
     AUX_FILE_PATTERNS, TensorPlan, assign_shards, copy_aux_files, validate_plan, write_checkpoint,
 )
@@ -25,7 +25,7 @@ from upstack.checkpoint.writer import (
 __all__ = [
     "AUX_FILE_PATTERNS", "DTYPE_ALIASES", "DTYPE_SIZES", "MAX_HEADER_BYTES", "TORCH_DTYPE_NAMES", "Checkpoint",
     "TensorBlockReader", "TensorPlan", "TensorRef", "assign_shards", "check_same_tokenizer_files",
-    "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "model_card_front_matter",
+    "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",
     "normalize_dtype", "open_checkpoint", "read_config", "read_index", "read_safetensors_header",
     "read_tensor_bytes", "resolve_model_dir", "set_config_dtype", "tensor_to_bytes", "token_table",
     "validate_plan", "verify_checkpoint", "write_checkpoint", "write_surgery_output",

@@ -49,19 +49,27 @@ def inspect_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> dic
     }
 
 
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes transformers expects for this config (meta device, no memory)."""
+def meta_model(config: dict):
+    """The transformers causal LM of a config.json, built on the meta device (shapes only, no memory).
+
+    Raises KeyError without model_type, and whatever transformers raises for a config it cannot build.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg_dict = {k: v for k, v in config.items() if k != "architectures"}
-    model_type = cfg_dict.pop("model_type", None)
-    if not model_type:
+    model_type = cfg_dict.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **cfg_dict)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes transformers expects for this config (meta device, no memory)."""
+    if not config.get("model_type"):
         return None
     try:
-        cfg = AutoConfig.for_model(model_type, **cfg_dict)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = meta_model(config)
     except Exception:  # unknown or remote-code architectures: shape check not possible
         return None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
