@@ -34,4 +34,3 @@ def normalize_dtype(name: str) -> str:
     if key.lower() in DTYPE_ALIASES:
         return DTYPE_ALIASES[key.lower()]
     raise UpstackError(f"unknown dtype {name!r} (use one of float32, bfloat16, float16)")
-

@@ -336,4 +336,3 @@ def tensor_to_bytes(t) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-

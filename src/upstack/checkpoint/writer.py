@@ -34,7 +34,6 @@ AUX_FILE_PATTERNS = (
 )
 
 
-
 @dataclasses.dataclass
 class TensorPlan:
     """How to make one output tensor: copy a source byte range, or call `compute`.
@@ -285,4 +284,3 @@ def _write_shard(path: Path, shard: list[TensorPlan], meta: dict, src_fds: dict[
         disk.close()
     finally:
         os.close(fd)
-

@@ -35,4 +35,3 @@ def serial_map(fn, items) -> list:
 
 def block_ranges(s: int, e: int) -> list[tuple[int, int]]:
     return [(a, min(e, a + BLOCK)) for a in range(s, e, BLOCK)]
-

@@ -74,4 +74,3 @@ def dare(base, tensors: list, weights: list[float] | None = None, density: float
                           lam=lam, normalize=normalize, rescale=rescale,
                           seeds=[dare_seed(seed, name, i) for i in range(n)])
     return run_in_memory(recipe, [base, *tensors])
-

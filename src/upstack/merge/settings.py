@@ -82,7 +82,6 @@ def config_from_yaml(path: str | Path, **overrides) -> MergeConfig:
     return config_from_dict(MergeConfig, data, str(path))
 
 
-
 # Parameter settings: scalars, gradients over depth, per-tensor-group filters (mergekit's format)
 
 def is_number(v) -> bool:
@@ -167,7 +166,6 @@ def tensor_depth(name: str, num_layers: int | None, arch=GENERIC) -> float:
     return split[0] / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-
 def validate_config(cfg: MergeConfig) -> tuple[str, dict, list[dict]]:
     """Check method, models and parameters before any file is opened.
 
@@ -223,4 +221,3 @@ def resolve_setting(pname: str, settings: list[dict], tensor: str, depth: float,
         raise ConfigError(f"parameter {pname} has no value for tensor {tensor!r} (no filter matches it and "
                           "there is no default entry without a filter)")
     return default
-

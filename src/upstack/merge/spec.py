@@ -15,4 +15,3 @@ class MethodSpec:
     consensus: bool = False   # TIES sign election
     trim: str | None = None   # "magnitude" (TIES) or "random" (DARE)
     doc: str = ""
-

@@ -205,4 +205,3 @@ def tensor_plan(pipe: Pipeline, name: str, shape: tuple, out_dtype: str, recipe:
                  refs: list[TensorRef], description: str) -> TensorPlan:
     j = pipe.add(_Job(recipe, refs, math.prod(shape), out_dtype))
     return TensorPlan(name, out_dtype, tuple(shape), description=description, compute=lambda: pipe.stream(j))
-

@@ -29,4 +29,3 @@ def weighted_sum_block(xs, coeffs, sc: Scratch):
     for x, c in zip(xs[1:], coeffs[1:]):
         acc.add_(sc.f32("tmp", x), alpha=c)
     return acc
-

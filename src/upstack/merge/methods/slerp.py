@@ -34,4 +34,3 @@ def slerp_stats(xs, sc: Scratch) -> tuple[float, float, float]:
 
     a, b = sc.f32("x0", xs[0]), sc.f32("tmp", xs[1])
     return float(torch.dot(a, b)), float(torch.dot(a, a)), float(torch.dot(b, b))
-

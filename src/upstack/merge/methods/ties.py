@@ -82,4 +82,3 @@ class TopK:
         eq = bits == self.threshold
         rank = eq.cumsum(0) + seen_before
         return gt.logical_or_(eq.logical_and_(rank <= self.need))
-
