@@ -182,7 +182,7 @@ def test_dare_is_seeded_and_reduces_to_its_counterpart_at_full_density():
 
 @pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_linear", "dare_ties"])
 def test_chunking_does_not_change_the_bytes(monkeypatch, method):
-    monkeypatch.setattr(M, "BLOCK", 256)
+    monkeypatch.setattr(M.blocks, "BLOCK", 256)
     n = 5000
     base, xs = rand(n, seed=9), [rand(n, seed=i) for i in range(2)]
     recipe = {"linear": M.TensorRecipe("linear", weights=[0.3, 0.7]),

@@ -258,7 +258,7 @@ def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
             raise OSError("simulated read error")
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(M, "compute_chunks", failing)
+    monkeypatch.setattr(M.kernels, "compute_chunks", failing)
     with pytest.raises(OSError):
         M.merge(M.MergeConfig(models=[M.ModelEntry(models["a"]), M.ModelEntry(models["b"])], method="linear",
                               out=str(tmp_path / "m"), quiet=True))
@@ -333,8 +333,8 @@ def test_out_exists(models, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties"])
 def test_streaming_does_not_depend_on_workers_or_chunks(models, tmp_path, monkeypatch, method):
     # small blocks and chunks: every tensor spans many blocks, chunks and worker threads
-    monkeypatch.setattr(M, "BLOCK", 1024)
-    monkeypatch.setattr(M, "CHUNK_BYTES", 3 * 1024 * 4)
+    monkeypatch.setattr(M.blocks, "BLOCK", 1024)
+    monkeypatch.setattr(M.streaming, "CHUNK_BYTES", 3 * 1024 * 4)
     params = {"slerp": {"t": 0.3}, "ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}.get(method, {})
     base = None if method in ("linear", "slerp") else models["base"]
     outs = []

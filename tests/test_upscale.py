@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from tiny import build_tiny_model
 from upstack.checkpoint import verify_checkpoint
 from upstack.cli import main
-from upstack.upscale import make_layer_plan, parse_layer_ranges
+from upstack.arch import parse_layer_ranges
+from upstack.upscale import make_layer_plan
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny import build_tiny_model
-from upstack import checkpoint
+from upstack.checkpoint import writer as checkpoint
 from upstack.cli import main
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from upstack.errors import UpstackError
+from upstack.errors import ConfigError, UpstackError
 
 # How a per-layer config field encodes its per-layer values, and so how it is remapped:
 #   list       a list with one entry per layer                       -> new[j] = old[map[j]]
@@ -41,6 +41,10 @@ class ArchSpec:
     residual_out: tuple[str, ...] = ("self_attn.o_proj.weight", "self_attn.o_proj.bias",
                                      "mlp.down_proj.weight", "mlp.down_proj.bias")
     layer_fields: tuple[LayerField, ...] = ()
+    # The input embedding is the tensor whose name ends with `embed_suffix`; the output head is
+    # `head_name`. A model without a stored head, or with tie_word_embeddings, ties the two.
+    embed_suffix: str = "embed_tokens.weight"
+    head_name: str = "lm_head.weight"
 
 
 LAYER_TYPES = LayerField("layer_types", "list")
@@ -100,6 +104,72 @@ def split_layer_name(name: str, arch: ArchSpec) -> tuple[int, str] | None:
 
 def layer_name(index: int, rest: str, arch: ArchSpec) -> str:
     return f"{arch.layer_prefix}{index}.{rest}"
+
+
+def embed_name(tensor_names: Iterable[str], arch: ArchSpec = GENERIC) -> str | None:
+    """The input embedding among `tensor_names` (the first ending with arch.embed_suffix), or None."""
+    return next((n for n in tensor_names if n.endswith(arch.embed_suffix)), None)
+
+
+def is_head(name: str, arch: ArchSpec = GENERIC) -> bool:
+    """Whether a (possibly prefixed) tensor name is the output head."""
+    return name.endswith(arch.head_name)
+
+
+def tied(config: dict, tensor_names: Iterable[str], arch: ArchSpec = GENERIC) -> bool:
+    """The output head is the input embedding: tie_word_embeddings is true, or no head is stored
+    (transformers then ties it too)."""
+    return config.get("tie_word_embeddings") is True or arch.head_name not in tensor_names
+
+
+# Layer ranges: "0-23,8-31" (end-inclusive) <-> [0..23, 8..31]
+
+def parse_layer_ranges(text: str, n: int | None = None, *, flag: str = "--layers") -> list[int]:
+    """'0-23,8-31' -> [0..23, 8..31] (end-inclusive); single indices allowed ('0-3,3,4-7').
+
+    Indices are checked against an n-layer model when n is given (syntax only when None). Errors
+    name `flag` and the text.
+    """
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise ConfigError(f"{flag} {text!r}: empty range")
+        try:
+            a, b = (part.split("-", 1) + [None])[:2] if "-" in part else (part, part)
+            a, b = int(a), int(b)
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: cannot read {part!r} (use ranges like 0-23,8-31)") from None
+        if n is not None and (a < 0 or b < 0 or a > n - 1 or b > n - 1):
+            raise ConfigError(f"{flag} {text!r}: layer index out of range in {part!r}; the source has "
+                              f"{n} layers (0-{n - 1})")
+        if b < a:
+            raise ConfigError(f"{flag} {text!r}: range {part!r} runs backwards")
+        out.extend(range(a, b + 1))
+    return out
+
+
+def layer_runs(layer_map: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive output layers copying consecutive source layers, as
+    (first output, last output, first source, last source): [0,1,2,1,2] -> [(0,2,0,2), (3,4,1,2)]."""
+    runs, start = [], 0
+    for k in range(1, len(layer_map) + 1):
+        if k == len(layer_map) or layer_map[k] != layer_map[k - 1] + 1:
+            runs.append((start, k - 1, layer_map[start], layer_map[k - 1]))
+            start = k
+    return runs
+
+
+def format_layer_ranges(values: list[int]) -> str:
+    """[0,1,2,3,8,9] -> '0-3,8-9' (the inverse of parse_layer_ranges for increasing runs)."""
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(f"{values[i]}-{values[j]}" if j > i else str(values[i]))
+        i = j + 1
+    return ",".join(parts)
 
 
 def _flags_of(field: LayerField, value, n: int) -> list[bool]:

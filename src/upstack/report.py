@@ -227,7 +227,7 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
     for lm in data["layer_maps"]:
         if not lm.get("layer_map"):
             continue
-        from upstack.upscale import compress_ranges
+        from upstack.arch import format_layer_ranges as compress_ranges
 
         lmap = lm["layer_map"]
         lines += [f"## Layer map of the up-scaled model `{lm['stage']}`", "",

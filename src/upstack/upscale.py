@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import math
 from pathlib import Path
 
 from upstack import __version__
-from upstack.arch import ArchSpec, get_arch, layer_name, num_layers, remap_config, split_layer_name
+from upstack.arch import (
+    ArchSpec, format_layer_ranges, get_arch, layer_name, layer_runs, num_layers, parse_layer_ranges,
+    remap_config, split_layer_name,
+)
 from upstack.checkpoint import (
-    DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, load_tensor, normalize_dtype,
-    open_checkpoint, resolve_model_dir, tensor_to_bytes, write_checkpoint,
+    DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output,
+    load_tensor, meta_model, model_card_front_matter, normalize_dtype, open_checkpoint, resolve_model_dir,
+    set_config_dtype, tensor_to_bytes, write_surgery_output,
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError, UpstackError
-from upstack.outputs import check_output_free
 
 METHODS = ("dus", "stack", "interleave")
 
@@ -51,27 +53,6 @@ class LayerPlan:
     description: str
 
 
-def parse_layer_ranges(text: str, n: int) -> list[int]:
-    """'0-23,8-31' -> [0..23, 8..31] (end-inclusive); single indices allowed ('0-3,3,4-7')."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise ConfigError(f"--layers {text!r}: empty range")
-        try:
-            a, b = (part.split("-", 1) + [None])[:2] if "-" in part else (part, part)
-            a, b = int(a), int(b)
-        except ValueError:
-            raise ConfigError(f"--layers {text!r}: cannot read {part!r} (use ranges like 0-23,8-31)") from None
-        if a < 0 or b < 0 or a > n - 1 or b > n - 1:
-            raise ConfigError(f"--layers {text!r}: layer index out of range in {part!r}; the source has "
-                              f"{n} layers (0-{n - 1})")
-        if b < a:
-            raise ConfigError(f"--layers {text!r}: range {part!r} runs backwards")
-        out.extend(range(a, b + 1))
-    return out
-
-
 def make_layer_plan(n: int, method: str = "dus", m: int | None = None, layers: str | None = None,
                     every: int | None = None) -> LayerPlan:
     """The output layer order for an n-layer source."""
@@ -97,18 +78,6 @@ def make_layer_plan(n: int, method: str = "dus", m: int | None = None, layers: s
                 lm.append(i)
         return LayerPlan(lm, new, f"interleave: a zeroed copy after every {every} blocks")
     raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-
-
-def compress_ranges(values: list[int]) -> str:
-    """[0,1,2,3,8,9] -> '0-3,8-9'."""
-    parts, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(f"{values[i]}-{values[j]}" if j > i else str(values[i]))
-        i = j + 1
-    return ",".join(parts)
 
 
 def _group_layers(ckpt: Checkpoint, arch: ArchSpec, n: int):
@@ -199,15 +168,9 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype:
 
 def count_parameters_from_config(config: dict) -> int:
     """Exact parameter count of a config, by building the model on the meta device (no memory)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg_dict = {k: v for k, v in config.items() if k not in ("architectures",)}
-    model_type = cfg_dict.pop("model_type")
+    model_type = config["model_type"]
     try:
-        cfg = AutoConfig.for_model(model_type, **cfg_dict)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = meta_model(config)
     except Exception as e:  # transformers raises several types for configs it cannot build
         raise UpstackError(f"cannot count parameters for model_type={model_type!r} from config.json "
                            f"({type(e).__name__}: {e})") from None
@@ -222,15 +185,12 @@ def _config_dtype(config: dict) -> str | None:
         return None
 
 
-def model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, layer_plan: LayerPlan,
-               num_params: int) -> str:
+def upscale_model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, layer_plan: LayerPlan,
+                       num_params: int) -> str:
+    """README.md of an up-scaled checkpoint: the source, the layer plan and its layer table."""
     arch = src_config.get("model_type", "?")
     lines = [
-        "---",
-        f"base_model: {Path(cfg.source).name}",
-        "tags:", "- upstack", "- depth-up-scaling",
-        "---", "",
-        f"# {Path(cfg.out).name}", "",
+        *model_card_front_matter(Path(cfg.source).name, ["upstack", "depth-up-scaling"], Path(cfg.out).name),
         f"Made by upstack {__version__} from `{cfg.source}` ({arch}, {src_config.get('num_hidden_layers')} layers) "
         f"by **{layer_plan.description}**, giving {new_config.get('num_hidden_layers')} layers and "
         f"{num_params:,} parameters.", "",
@@ -238,23 +198,17 @@ def model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, layer_pla
         "recover from the seam before it is useful.", "",
         "| output layers | source layers |", "|---|---|",
     ]
-    lm = layer_plan.layer_map
-    start = 0
-    for k in range(1, len(lm) + 1):
-        if k == len(lm) or lm[k] != lm[k - 1] + 1:
-            lines.append(f"| {start}-{k - 1} | {lm[start]}-{lm[k - 1]} |")
-            start = k
+    lines += [f"| {a}-{b} | {sa}-{sb} |" for a, b, sa, sb in layer_runs(layer_plan.layer_map)]
     if layer_plan.new_layers:
         lines += ["", f"Zero-initialised residual outputs (identity blocks) in output layers "
-                      f"{compress_ranges(layer_plan.new_layers)}."]
+                      f"{format_layer_ranges(layer_plan.new_layers)}."]
     return "\n".join(lines) + "\n"
 
 
 def upscale(cfg: UpscaleConfig) -> dict:
     """Run `upstack upscale`: plan, validate, then (unless dry_run) stream the new checkpoint."""
     out = Path(cfg.out)
-    if not cfg.dry_run:
-        check_output_free(out, cfg.overwrite)
+    check_surgery_output(out, cfg.overwrite, cfg.dry_run)
     shard_size = parse_bytes(cfg.shard_size, "--shard-size")
     dtype = normalize_dtype(cfg.dtype) if cfg.dtype else None
     ckpt = open_checkpoint(resolve_model_dir(cfg.source), allow_pickle=cfg.allow_pickle, weights_required=not cfg.dry_run)
@@ -264,10 +218,7 @@ def upscale(cfg: UpscaleConfig) -> dict:
         raise ConfigError(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
     layer_plan = make_layer_plan(n, cfg.method, cfg.m, cfg.layers, cfg.every)
     new_config, notes = remap_config(ckpt.config, arch, layer_plan.layer_map)
-    if dtype:
-        for key in ("dtype", "torch_dtype"):
-            if key in new_config or key == "dtype":
-                new_config[key] = TORCH_DTYPE_NAMES[dtype]
+    set_config_dtype(new_config, dtype)
     changes = {k: {"from": ckpt.config.get(k), "to": v} for k, v in new_config.items() if ckpt.config.get(k) != v}
 
     if ckpt.tensors:
@@ -297,15 +248,13 @@ def upscale(cfg: UpscaleConfig) -> dict:
         "layers": cfg.layers, "every": cfg.every, "layer_map": layer_plan.layer_map,
         "new_layers": layer_plan.new_layers, "source_num_hidden_layers": n, "upstack_version": __version__,
     }}
-    write_checkpoint(
-        plans, out, config=new_config, aux_from=ckpt.folder, shard_size=shard_size, overwrite=cfg.overwrite,
-        model_card=model_card(cfg, ckpt.config, new_config, layer_plan, num_params),
-        extra_files={"upstack.json": json.dumps(provenance, indent=2) + "\n"}, progress=not cfg.quiet,
+    write_surgery_output(
+        plans, out, config=new_config, provenance=provenance,
+        model_card=upscale_model_card(cfg, ckpt.config, new_config, layer_plan, num_params),
+        aux_from=ckpt.folder, shard_size=shard_size, overwrite=cfg.overwrite, progress=not cfg.quiet,
     )
     return report
 
 
 def _count_shards(plans: list[TensorPlan], shard_size: int) -> int:
-    from upstack.checkpoint import assign_shards
-
     return len(assign_shards(plans, shard_size)) if plans else 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from upstack.arch import ARCHS, format_layer_ranges, layer_runs
+from upstack.checkpoint import inspect_checkpoint, read_config, verify_checkpoint
 from upstack.commands.output import format_table, human_bytes, print_json
+from upstack.upscale import UpscaleConfig, upscale
 
 ORDER = 10
 
@@ -77,12 +81,6 @@ def register(sub, common) -> None:
 
 
 def run_upscale(args) -> int:
-    import sys
-
-    from upstack.arch import ARCHS
-    from upstack.checkpoint import read_config
-    from upstack.upscale import UpscaleConfig, compress_ranges, upscale
-
     cfg = UpscaleConfig(
         source=args.source, out=args.out, method=args.method, m=args.m, layers=args.layers, every=args.every,
         dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -98,18 +96,13 @@ def run_upscale(args) -> int:
     if args.json:
         print_json(report)
         return 0
-    lm = report["layer_map"]
     print(f"{report['description']}: {report['source_num_hidden_layers']} -> {report['num_hidden_layers']} layers "
           f"({report['model_type']})")
-    rows, start = [], 0
-    for k in range(1, len(lm) + 1):
-        if k == len(lm) or lm[k] != lm[k - 1] + 1:
-            rows.append([f"{start}-{k - 1}" if k - 1 > start else str(start),
-                         f"{lm[start]}-{lm[k - 1]}" if k - 1 > start else str(lm[start])])
-            start = k
+    rows = [[f"{a}-{b}", f"{sa}-{sb}"] if b > a else [str(a), str(sa)]
+            for a, b, sa, sb in layer_runs(report["layer_map"])]
     print(format_table(["output layers", "<- source layers"], rows))
     if report["new_layers"]:
-        print(f"zero-initialised (identity) blocks: {compress_ranges(report['new_layers'])}")
+        print(f"zero-initialised (identity) blocks: {format_layer_ranges(report['new_layers'])}")
     for key, ch in report["config_changes"].items():
         print(f"config {key}: {_short(ch['from'])} -> {_short(ch['to'])}")
     for note in report["notes"]:
@@ -126,8 +119,6 @@ def _short(v) -> str:
 
 
 def run_inspect(args) -> int:
-    from upstack.checkpoint import inspect_checkpoint
-
     info = inspect_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     if args.json:
         print_json(info)
@@ -158,8 +149,6 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
-    from upstack.checkpoint import verify_checkpoint
-
     report = verify_checkpoint(args.checkpoint, load=args.load, allow_pickle=args.allow_pickle)
     if args.json:
         print_json(report)

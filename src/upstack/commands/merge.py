@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from upstack.commands.output import format_table, human_bytes, print_json
+from upstack.errors import ConfigError
+from upstack.merge import MergeConfig, ModelEntry, config_from_yaml, format_param, merge
 
 ORDER = 40
 
@@ -65,8 +67,6 @@ def register(sub, common) -> None:
 
 
 def _floats(text: str, flag: str) -> list[float]:
-    from upstack.errors import ConfigError
-
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -75,9 +75,6 @@ def _floats(text: str, flag: str) -> list[float]:
 
 def config_from_args(args):
     """A MergeConfig from the command line (flags) or --config (flags may set out/dtype/seed/... only)."""
-    from upstack.errors import ConfigError
-    from upstack.merge import MergeConfig, ModelEntry, config_from_yaml
-
     common = {"out": args.out, "dtype": args.dtype, "seed": args.seed, "shard_size": args.shard_size,
               "overwrite": args.overwrite or None, "dry_run": args.dry_run or None,
               "allow_pickle": args.allow_pickle or None, "quiet": args.quiet or None, "workers": args.workers}
@@ -114,8 +111,6 @@ def config_from_args(args):
 
 
 def run_merge(args) -> int:
-    from upstack.merge import format_param, merge
-
     cfg = config_from_args(args)
     report = merge(cfg)
     if args.json:

@@ -1,0 +1,286 @@
+"""Tensor plans and the one streaming sharded writer.
+
+Plan, then stream: surgery (upscale, merge) builds a list of `TensorPlan`s, each saying how to make one
+output tensor -- a byte-range copy of a source tensor, or a function yielding its bytes -- and
+`write_checkpoint` validates the whole plan before it touches the output, then streams it into
+sharded safetensors. Pure copies go through `os.copy_file_range` (kernel-side, never through Python
+memory), so this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fnmatch
+import functools
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from upstack.checkpoint.dtypes import DTYPE_SIZES
+from upstack.checkpoint.reader import TensorRef, read_tensor_bytes
+from upstack.errors import CheckpointError
+from upstack.outputs import atomic_output_dir
+
+# Non-weight files a checkpoint folder carries along: tokenizer, chat template, generation config.
+AUX_FILE_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "chat_template.*", "generation_config.json", "*.tiktoken", "spiece.model", "sentencepiece*.model",
+    "preprocessor_config.json", "upstack.json",
+)
+
+
+@dataclasses.dataclass
+class TensorPlan:
+    """How to make one output tensor: copy a source byte range, or call `compute`.
+
+    `compute()` yields bytes-like chunks whose total is exactly nbytes (so the largest tensors can be
+    produced in row chunks); `description` is shown by --dry-run.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    copy: TensorRef | None = None
+    compute: Callable[[], Iterable[bytes | bytearray | memoryview]] | None = None
+    description: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def validate_plan(plans: list[TensorPlan]) -> None:
+    """Check a whole plan before anything is written: unique names, known dtypes, consistent copies."""
+    if not plans:
+        raise CheckpointError("nothing to write: the plan has no tensors")
+    seen = set()
+    for p in plans:
+        if p.name in seen:
+            raise CheckpointError(f"plan error: tensor {p.name!r} is planned twice")
+        seen.add(p.name)
+        if p.dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"plan error: tensor {p.name!r} has unknown dtype {p.dtype!r}")
+        if (p.copy is None) == (p.compute is None):
+            raise CheckpointError(f"plan error: tensor {p.name!r} needs exactly one of copy or compute")
+        if p.copy is not None and (p.copy.dtype != p.dtype or p.copy.nbytes != p.nbytes):
+            raise CheckpointError(
+                f"plan error: tensor {p.name!r} copies {p.copy.name!r} ({p.copy.dtype}{list(p.copy.shape)}) "
+                f"but is planned as {p.dtype}{list(p.shape)}")
+
+
+def assign_shards(plans: list[TensorPlan], shard_size: int) -> list[list[TensorPlan]]:
+    """Greedy in plan order: start a new shard when the next tensor would pass `shard_size`."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for p in plans:
+        if shards[-1] and size + p.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def _shard_header(plans: list[TensorPlan], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    pos = 0
+    for p in plans:
+        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [pos, pos + p.nbytes]}
+        pos += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+_COPY_CHUNK = 64 << 20
+_WRITEBACK_WINDOW = 64 << 20    # start the disk write of every 64 MB as soon as it is written ...
+_WRITEBACK_LAG = 4              # ... and wait for the data 4 windows back (bounded dirty memory)
+
+
+@functools.cache
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None; looked up on first use, not at import."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _WriteBehind:
+    """Hands written data to the disk as the file grows (sync_file_range), rather than leaving gigabytes
+    of dirty pages for a final sync: the disk writes while the next tensors are computed or copied, and
+    the page cache never holds more than a few windows of unwritten output. `close` makes the file
+    durable (fdatasync) before the output folder is renamed into place. Where sync_file_range is
+    missing, only the fdatasync remains."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pos, self.started = fd, 0, 0
+
+    def advance(self, nbytes: int) -> None:
+        self.pos += nbytes
+        sfr = _sync_file_range()
+        if sfr is None:
+            return
+        while self.pos - self.started >= _WRITEBACK_WINDOW:
+            sfr(self.fd, self.started, _WRITEBACK_WINDOW, _SFR_WRITE)
+            self.started += _WRITEBACK_WINDOW
+            old = self.started - _WRITEBACK_LAG * _WRITEBACK_WINDOW
+            if old >= 0:
+                sfr(self.fd, old, _WRITEBACK_WINDOW, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+
+    def close(self) -> None:
+        os.fdatasync(self.fd)
+
+
+def _copy_range(src_fd: int, offset: int, nbytes: int, dst_fd: int, wrote: Callable[[int], None]) -> None:
+    """Copy nbytes from src_fd at offset to dst_fd's current position, kernel-side when possible;
+    `wrote(n)` after each piece."""
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        n = min(_COPY_CHUNK, nbytes - done)
+        if use_cfr:
+            try:
+                got = os.copy_file_range(src_fd, dst_fd, n, offset + done)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                    use_cfr = False
+                    continue
+                raise
+            if got == 0:
+                raise CheckpointError("source file ended early while copying (was it modified during the write?)")
+            done += got
+            wrote(got)
+        else:
+            chunk = os.pread(src_fd, n, offset + done)
+            if not chunk:
+                raise CheckpointError("source file ended early while copying (was it modified during the write?)")
+            _write_all(dst_fd, chunk)
+            done += len(chunk)
+            wrote(len(chunk))
+
+
+def _write_all(fd: int, data) -> int:
+    view = memoryview(data).cast("B")
+    total = 0
+    while total < len(view):
+        total += os.write(fd, view[total:])
+    return total
+
+
+def copy_aux_files(src: Path | None, dst: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Copy tokenizer, chat template and generation config files from a checkpoint folder."""
+    copied = []
+    if src is None:
+        return copied
+    skip = set(skip)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in skip and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_FILE_PATTERNS):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def write_checkpoint(
+    plans: list[TensorPlan],
+    out: str | Path,
+    *,
+    config: dict,
+    aux_from: str | Path | None = None,
+    shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    model_card: str | None = None,
+    extra_files: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Stream `plans` into a HF checkpoint folder `out`; atomic (temp sibling, renamed at the end).
+
+    Writes model-0000i-of-0000N.safetensors shards (or model.safetensors when one shard), the index
+    with metadata.total_size, config.json, the aux files of `aux_from`, README.md (`model_card`) and
+    `extra_files` (name -> text). Memory use is bounded by the largest computed chunk.
+    """
+    validate_plan(plans)
+    out = Path(out)
+    shards = assign_shards(plans, shard_size)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(p.nbytes for p in plans)
+    meta = {"format": "pt", **(metadata or {})}
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress,
+               leave=False)
+    src_fds: dict[Path, int] = {}
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            for shard_name, shard in zip(names, shards):
+                _write_shard(tmp / shard_name, shard, meta, src_fds, bar)
+            weight_map = {p.name: shard_name for shard_name, shard in zip(names, shards) for p in shard}
+            if n > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            copy_aux_files(Path(aux_from) if aux_from else None, tmp, skip=set(extra_files or {}))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for fname, text in (extra_files or {}).items():
+                (tmp / fname).write_text(text)
+            if model_card is not None:
+                (tmp / "README.md").write_text(model_card)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"disk full while writing {out} (nothing was left behind; "
+                                  f"{total / 1e9:.2f} GB of tensors needed)") from None
+        raise
+    finally:
+        bar.close()
+        for fd in src_fds.values():
+            os.close(fd)
+    return out
+
+
+def _write_shard(path: Path, shard: list[TensorPlan], meta: dict, src_fds: dict[Path, int], bar) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        disk = _WriteBehind(fd)
+        disk.advance(_write_all(fd, _shard_header(shard, meta)))
+        for p in shard:
+            if p.copy is not None and p.copy.tensor is None:
+                src = src_fds.get(p.copy.path)
+                if src is None:
+                    src = src_fds[p.copy.path] = os.open(p.copy.path, os.O_RDONLY)
+                _copy_range(src, p.copy.offset, p.nbytes, fd, disk.advance)
+                bar.update(p.nbytes)
+                continue
+            chunks = p.compute() if p.compute is not None else [read_tensor_bytes(p.copy)]
+            written = 0
+            for chunk in chunks:
+                n = _write_all(fd, chunk)
+                written += n
+                disk.advance(n)
+                bar.update(n)
+            if written != p.nbytes:
+                raise CheckpointError(f"internal error: tensor {p.name!r} produced {written} bytes, "
+                                      f"expected {p.nbytes}")
+        disk.close()
+    finally:
+        os.close(fd)
