@@ -11,12 +11,12 @@ import dataclasses
 import json
 import math
 import os
-import re
 import struct
 from pathlib import Path
 
 from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
 from upstack.errors import CheckpointError
+from upstack.hub import hub_offline, is_hub_id, offline_reason
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
@@ -145,7 +145,7 @@ def resolve_model_dir(source: str | Path) -> Path:
     offline, a clear error says so.
     """
     p = Path(source).expanduser()
-    if p.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)):
+    if p.exists() or not is_hub_id(str(source)):
         return p
     try:
         from huggingface_hub import snapshot_download
@@ -153,8 +153,7 @@ def resolve_model_dir(source: str | Path) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.tiktoken", "*.txt"]))
     except Exception as e:  # offline, gated, missing: all become one message
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "the machine is offline (HF_HUB_OFFLINE=1)" if offline else f"{type(e).__name__}: {e}"
+        why = f"the machine is offline ({offline_reason()})" if hub_offline() else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{source}: not a local folder, and fetching it from the Hugging Face hub failed "
                               f"({why}); download it first (huggingface-cli download {source} --local-dir DIR) "
                               "and pass the folder") from None
