@@ -17,9 +17,9 @@ from upstack.arch import (
     remap_config, split_layer_name,
 )
 from upstack.checkpoint import (
-    DTYPE_SIZES, TORCH_DTYPE_NAMES, Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output,
-    load_tensor, meta_model, model_card_front_matter, normalize_dtype, open_checkpoint, resolve_model_dir,
-    set_config_dtype, tensor_to_bytes, write_surgery_output,
+    DTYPE_SIZES, Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output,
+    meta_model, model_card_front_matter, normalize_dtype, open_checkpoint, resolve_model_dir,
+    set_config_dtype, source_plan, write_surgery_output,
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError, UpstackError
@@ -105,25 +105,6 @@ def _group_layers(ckpt: Checkpoint, arch: ArchSpec, n: int):
     return per_layer, others
 
 
-def _cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
-    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB."""
-    rows = ref.shape[0] if ref.shape else 1
-    row_bytes = max(1, ref.nbytes // rows) if ref.shape else ref.nbytes
-
-    def compute():
-        import torch
-
-        dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
-        if not ref.shape:
-            yield tensor_to_bytes(load_tensor(ref).to(dt))
-            return
-        step = max(1, (64 << 20) // row_bytes)
-        for a in range(0, rows, step):
-            yield tensor_to_bytes(load_tensor(ref, (a, min(rows, a + step))).to(dt))
-
-    return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"cast {ref.name} -> {dtype}")
-
-
 def _zeros_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
     nbytes = math.prod(ref.shape) * DTYPE_SIZES[dtype]
 
@@ -135,12 +116,6 @@ def _zeros_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
     return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"zeros (shape of {ref.name})")
 
 
-def _source_plan(name: str, ref: TensorRef, dtype: str | None) -> TensorPlan:
-    if dtype and dtype != ref.dtype and ref.dtype in ("F32", "F16", "BF16", "F64"):
-        return _cast_plan(name, ref, dtype)
-    return TensorPlan(name, ref.dtype, ref.shape, copy=ref, description=f"copy {ref.name}")
-
-
 def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype: str | None = None) -> list[TensorPlan]:
     """Tensor plans: non-layer tensors as in the source, then output layers in order."""
     n = num_layers(ckpt.config, arch)
@@ -149,7 +124,7 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype:
     order = sorted(ckpt.tensors.values(), key=lambda r: (str(r.path), r.offset))
     first_layer_pos = next((k for k, r in enumerate(order) if split_layer_name(r.name, arch)), len(order))
     before = {r.name for r in order[:first_layer_pos]}
-    plans = [_source_plan(r.name, r, dtype) for r in others if r.name in before]
+    plans = [source_plan(r.name, r, dtype) for r in others if r.name in before]
     for j, i in enumerate(layer_plan.layer_map):
         zeroed = 0
         for rest, ref in per_layer[i].items():
@@ -158,11 +133,11 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype:
                 plans.append(_zeros_plan(out_name, ref, dtype or ref.dtype))
                 zeroed += 1
             else:
-                plans.append(_source_plan(out_name, ref, dtype))
+                plans.append(source_plan(out_name, ref, dtype))
         if j in new and zeroed == 0:
             raise UpstackError(f"interleave: found no residual output projections to zero in layer {i} "
                                f"(looked for {', '.join(arch.residual_out)})")
-    plans += [_source_plan(r.name, r, dtype) for r in others if r.name not in before]
+    plans += [source_plan(r.name, r, dtype) for r in others if r.name not in before]
     return plans
 
 

@@ -4,9 +4,13 @@ a surgery stage.
 
 Modules: dtypes (safetensors dtype names), reader (open_checkpoint, TensorRef, byte reads), blocks
 (block-wise reads for the streaming merge), tokenizer_files (comparing two folders' tokenizers),
-writer (TensorPlan, write_checkpoint), finish (write_surgery_output), verify (inspect/verify).
+writer (TensorPlan, write_checkpoint), adapter (a PEFT LoRA adapter merged into a base as a tensor
+plan), finish (write_surgery_output), verify (inspect/verify).
 """
 
+from upstack.checkpoint.adapter import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, adapter_summary, open_adapter, plan_adapter_merge,
+)
 from upstack.checkpoint.blocks import TensorBlockReader
 from upstack.checkpoint.dtypes import DTYPE_ALIASES, DTYPE_SIZES, TORCH_DTYPE_NAMES, normalize_dtype
 from upstack.checkpoint.finish import (
@@ -19,14 +23,16 @@ from upstack.checkpoint.reader import (
 from upstack.checkpoint.tokenizer_files import check_same_tokenizer_files, token_table
 from upstack.checkpoint.verify import inspect_checkpoint, meta_model, verify_checkpoint
 from upstack.checkpoint.writer import (
-    AUX_FILE_PATTERNS, TensorPlan, assign_shards, copy_aux_files, validate_plan, write_checkpoint,
+    AUX_FILE_PATTERNS, TensorPlan, assign_shards, cast_plan, copy_aux_files, source_plan, validate_plan,
+    write_checkpoint,
 )
 
 __all__ = [
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "adapter_summary", "open_adapter", "plan_adapter_merge",
     "AUX_FILE_PATTERNS", "DTYPE_ALIASES", "DTYPE_SIZES", "MAX_HEADER_BYTES", "TORCH_DTYPE_NAMES", "Checkpoint",
     "TensorBlockReader", "TensorPlan", "TensorRef", "assign_shards", "check_same_tokenizer_files",
-    "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",
+    "cast_plan", "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",
     "normalize_dtype", "open_checkpoint", "read_config", "read_index", "read_safetensors_header",
-    "read_tensor_bytes", "resolve_model_dir", "set_config_dtype", "tensor_to_bytes", "token_table",
+    "read_tensor_bytes", "resolve_model_dir", "set_config_dtype", "source_plan", "tensor_to_bytes", "token_table",
     "validate_plan", "verify_checkpoint", "write_checkpoint", "write_surgery_output",
 ]

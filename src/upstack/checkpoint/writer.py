@@ -21,8 +21,8 @@ import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from upstack.checkpoint.dtypes import DTYPE_SIZES
-from upstack.checkpoint.reader import TensorRef, read_tensor_bytes
+from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
+from upstack.checkpoint.reader import TensorRef, load_tensor, read_tensor_bytes, tensor_to_bytes
 from upstack.errors import CheckpointError
 from upstack.outputs import atomic_output_dir
 
@@ -75,6 +75,32 @@ def validate_plan(plans: list[TensorPlan]) -> None:
             raise CheckpointError(
                 f"plan error: tensor {p.name!r} copies {p.copy.name!r} ({p.copy.dtype}{list(p.copy.shape)}) "
                 f"but is planned as {p.dtype}{list(p.shape)}")
+
+
+def cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
+    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB."""
+    rows = ref.shape[0] if ref.shape else 1
+    row_bytes = max(1, ref.nbytes // rows) if ref.shape else ref.nbytes
+
+    def compute():
+        import torch
+
+        dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
+        if not ref.shape:
+            yield tensor_to_bytes(load_tensor(ref).to(dt))
+            return
+        step = max(1, (64 << 20) // row_bytes)
+        for a in range(0, rows, step):
+            yield tensor_to_bytes(load_tensor(ref, (a, min(rows, a + step))).to(dt))
+
+    return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"cast {ref.name} -> {dtype}")
+
+
+def source_plan(name: str, ref: TensorRef, dtype: str | None) -> TensorPlan:
+    """`ref` as output tensor `name`: a byte copy, or a cast when `dtype` differs (floating tensors only)."""
+    if dtype and dtype != ref.dtype and ref.dtype in ("F32", "F16", "BF16", "F64"):
+        return cast_plan(name, ref, dtype)
+    return TensorPlan(name, ref.dtype, ref.shape, copy=ref, description=f"copy {ref.name}")
 
 
 def assign_shards(plans: list[TensorPlan], shard_size: int) -> list[list[TensorPlan]]:

@@ -6,7 +6,9 @@ import argparse
 
 from upstack.commands.output import format_table, human_bytes, print_json
 from upstack.errors import ConfigError
-from upstack.merge import MergeConfig, ModelEntry, config_from_yaml, format_param, merge
+from upstack.merge import (
+    MergeAdapterConfig, MergeConfig, ModelEntry, config_from_yaml, format_param, merge, merge_adapter,
+)
 
 ORDER = 40
 
@@ -39,6 +41,20 @@ examples:
 """
 
 
+MERGE_ADAPTER_HELP = """\
+Merge a PEFT LoRA adapter (ours from `--lora` training, or anyone's: rsLoRA, DoRA, rank/alpha patterns,
+modules_to_save) into its base checkpoint, tensor by tensor: W + scale x B @ A computed in fp32 and written
+in the base tensor's dtype; every other tensor is copied byte for byte. Memory stays bounded by one
+chunk of the largest tensor (PEFT's merge_and_unload holds the whole model). An adapter trained on
+another base (a module or shape that does not match) is refused before anything is written. For a
+QLoRA adapter, BASE is the unquantized checkpoint it was trained from.
+
+examples:
+  upstack merge-adapter ./solar-base ./sft-lora/adapter ./sft-merged
+  upstack merge-adapter ./base ./adapter ./merged --dtype bfloat16 --dry-run
+"""
+
+
 def register(sub, common) -> None:
     p = sub.add_parser("merge", parents=[common], help="merge models (linear, slerp, task arithmetic, ties, dare)",
                        description=MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +80,22 @@ def register(sub, common) -> None:
                    help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
     p.add_argument("--json", action="store_true", help="print the plan/result as JSON")
     p.set_defaults(func=run_merge)
+
+    p = sub.add_parser("merge-adapter", parents=[common], help="merge a PEFT LoRA adapter into its base checkpoint",
+                       description=MERGE_ADAPTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="the base checkpoint the adapter was trained on (unquantized)")
+    p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (adapter_config.json, "
+                                                      "adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default=None, help="output dtype of floating tensors (float32, bfloat16, float16); "
+                                                 "default: each base tensor's own")
+    p.add_argument("--shard-size", default="5GB", help="max shard size with units (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help="check base and adapter, print the plan; write nothing")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a base stored as pickled .bin weights (loaded with torch.load(weights_only=True))")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_merge_adapter)
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -130,5 +162,22 @@ def run_merge(args) -> int:
     print(f"{report['num_tensors']} tensors, {report['num_parameters']:,} parameters, output "
           f"{human_bytes(report['output_bytes'])} in {report['num_shards']} shard(s), dtype {report['output_dtype']}, "
           f"tie_word_embeddings={str(report['tie_word_embeddings']).lower()}")
+    print("dry run: nothing written" if report["dry_run"] else f"wrote {report['out']}")
+    return 0
+
+
+def run_merge_adapter(args) -> int:
+    cfg = MergeAdapterConfig(base=args.base, adapter=args.adapter, out=args.out, dtype=args.dtype,
+                             shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
+                             allow_pickle=args.allow_pickle, quiet=args.quiet)
+    report = merge_adapter(cfg)
+    if args.json:
+        print_json(report)
+        return 0
+    kind = "DoRA" if report["use_dora"] else ("rsLoRA" if report["use_rslora"] else "LoRA")
+    print(f"{kind} adapter {report['adapter']} (r={report['r']}, alpha={report['lora_alpha']}): {report['modules']} "
+          f"merged tensors, {len(report['replaced_tensors'])} taken whole, into {report['base']}")
+    print(f"{report['num_tensors']} tensors, {report['num_parameters']:,} parameters, output "
+          f"{human_bytes(report['output_bytes'])} in {report['num_shards']} shard(s), dtype {report['output_dtype']}")
     print("dry run: nothing written" if report["dry_run"] else f"wrote {report['out']}")
     return 0

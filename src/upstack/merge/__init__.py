@@ -18,11 +18,14 @@ computed in BLOCK-element blocks, in fp32 (kernels.py, blocks.py), by the method
   dare   no statistics: the keep mask of element i of a tensor depends only on (seed, tensor name,
          model index, i), drawn in fixed BLOCK-aligned blocks, so chunking never changes the bytes.
 
+`merge_adapter` (adapter.py) merges a PEFT LoRA adapter into its base through checkpoint's adapter plan.
+
 The pure tensor functions (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare`; functions.py) run the
 same block kernels on in-memory tensors, so library users and tests get exactly what the command writes.
 """
 
 from upstack.merge import blocks, kernels, streaming
+from upstack.merge.adapter import MergeAdapterConfig, merge_adapter
 from upstack.merge.blocks import BLOCK, Scratch
 from upstack.merge.functions import dare, linear, slerp, task_arithmetic, ties
 from upstack.merge.kernels import compute_chunks
@@ -43,9 +46,9 @@ from upstack.merge.summary import (
 
 __all__ = [
     "ALIASES", "BLOCK", "CHUNK_BYTES", "BOOL_PARAMS", "FLOAT_DTYPES", "METHODS", "REQUIRED", "SLERP_DOT_THRESHOLD", "SLERP_EPS",
-    "MergeConfig", "MethodSpec", "ModelEntry", "Scratch", "TensorRecipe", "blocks", "canonical_method",
+    "MergeAdapterConfig", "MergeConfig", "MethodSpec", "ModelEntry", "Scratch", "TensorRecipe", "blocks", "canonical_method",
     "check_setting", "chunk_elements", "compute_chunks", "config_from_yaml", "dare", "dare_keep_mask",
-    "dare_seed", "default_workers", "evaluate_setting", "format_param", "kernels", "linear", "merge",
+    "dare_seed", "default_workers", "evaluate_setting", "format_param", "kernels", "linear", "merge", "merge_adapter",
     "merge_model_card", "normalize_config_dict", "resolved_config", "slerp", "slerp_coefficients",
     "streaming", "summarize_groups", "task_arithmetic", "tensor_depth", "tensor_group", "ties",
     "validate_config",

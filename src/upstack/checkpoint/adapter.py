@@ -1,0 +1,229 @@
+"""Merging a PEFT LoRA adapter into a base checkpoint, tensor by tensor, as a plan for the streaming writer.
+
+A LoRA adapter stores, for each adapted linear module M, two small matrices A (r x in) and B (out x r);
+the merged weight is W + s * B @ A with s = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA, per-module
+r and alpha from rank_pattern / alpha_pattern). DoRA adds a magnitude vector m and rescales each output
+row: W' = m / ||W + s B A||_row * (W + s B A). Modules saved whole (`modules_to_save`, trained biases)
+replace the base tensor. Every other tensor is a byte-range copy of the base.
+
+Unlike PEFT's `merge_and_unload`, which needs the whole model in memory, each merged tensor is computed
+in row chunks in fp32 and written in the base's dtype, so memory stays bounded by a chunk of the largest
+tensor. The adapter itself (small) is read through the same strict safetensors reader as checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
+from upstack.checkpoint.reader import Checkpoint, TensorRef, load_tensor, read_safetensors_header, tensor_to_bytes
+from upstack.checkpoint.writer import TensorPlan, source_plan
+from upstack.errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+CHUNK_BYTES = 64 << 20  # fp32 bytes of base rows computed at once
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear module: its A, B (and DoRA magnitude) tensors in the adapter file."""
+
+    module: str                      # module path in the base model, e.g. model.layers.0.self_attn.q_proj
+    a: TensorRef | None = None
+    b: TensorRef | None = None
+    magnitude: TensorRef | None = None
+    scale: float = 0.0
+
+
+@dataclass
+class Adapter:
+    folder: Path
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    replaced: dict[str, TensorRef] = field(default_factory=dict)  # base tensor name -> adapter tensor
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out"))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a key matches a module whose name ends with it (as a regex)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot parse ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    kind = str(cfg.get("peft_type", "")).upper()
+    if kind != "LORA":
+        raise CheckpointError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA adapters, "
+                              "including rsLoRA and DoRA, can be merged)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise CheckpointError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
+    return cfg
+
+
+def open_adapter(folder: str | Path) -> Adapter:
+    """Read and check an adapter folder: config, then the strict header of its safetensors file."""
+    folder = Path(folder)
+    cfg = read_adapter_config(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{folder}: the adapter is a pickled adapter_model.bin, which can run code when "
+                                  "loaded; convert it to safetensors first")
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    adapter = Adapter(folder, cfg)
+    rslora = bool(cfg.get("use_rslora"))
+    for name, ref in read_safetensors_header(weights).items():
+        if not name.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"{weights}: tensor {name!r} is not under {PEFT_PREFIX!r} (not a PEFT LoRA file)")
+        rest = name[len(PEFT_PREFIX):]
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight", rest) or \
+            re.fullmatch(r"(.+)\.(lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?", rest)
+        if m is None:
+            if ".lora_" in rest:
+                raise CheckpointError(f"{weights}: tensor {name!r} is a LoRA part upstack cannot merge "
+                                      "(only linear lora_A/lora_B and DoRA magnitudes)")
+            adapter.replaced[rest] = ref  # a module saved whole (modules_to_save) or a trained bias
+            continue
+        mod = adapter.modules.setdefault(m.group(1), LoraModule(m.group(1)))
+        setattr(mod, {"lora_A": "a", "lora_B": "b", "lora_magnitude_vector": "magnitude"}[m.group(2)], ref)
+    for mod in adapter.modules.values():
+        if mod.a is None or mod.b is None:
+            raise CheckpointError(f"{weights}: module {mod.module} has only one of lora_A / lora_B")
+        r = mod.a.shape[0]
+        if len(mod.a.shape) != 2 or len(mod.b.shape) != 2 or mod.b.shape[1] != r:
+            raise CheckpointError(f"{weights}: module {mod.module}: lora_A {list(mod.a.shape)} and lora_B "
+                                  f"{list(mod.b.shape)} do not form a rank-{r} product")
+        alpha = _pattern_value(cfg.get("alpha_pattern"), mod.module, cfg["lora_alpha"])
+        mod.scale = alpha / math.sqrt(r) if rslora else alpha / r
+    if not adapter.modules and not adapter.replaced:
+        raise CheckpointError(f"{weights}: the adapter holds no tensors")
+    return adapter
+
+
+def _weight_shape(mod: LoraModule, fan_in_fan_out: bool) -> tuple[int, int]:
+    out_f, in_f = mod.b.shape[0], mod.a.shape[1]
+    return (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+
+
+def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -> None:
+    """Every adapted module and replaced tensor must exist in the base with the adapter's shapes."""
+    problems = []
+    for mod in adapter.modules.values():
+        ref = base.tensors.get(f"{mod.module}.weight")
+        want = _weight_shape(mod, adapter.fan_in_fan_out)
+        if ref is None:
+            problems.append(f"module {mod.module} has no weight in {base_label}")
+        elif tuple(ref.shape) != want:
+            problems.append(f"{mod.module}.weight is {list(ref.shape)} in {base_label}, the adapter expects "
+                            f"{list(want)}")
+        elif ref.dtype not in FLOAT_DTYPES:
+            problems.append(f"{mod.module}.weight is stored as {ref.dtype} in {base_label}, not a float dtype "
+                            "(merge into the unquantized base)")
+        if mod.magnitude is not None and mod.magnitude.numel != want[1 if adapter.fan_in_fan_out else 0]:
+            problems.append(f"module {mod.module}: DoRA magnitude has {mod.magnitude.numel} entries for "
+                            f"{want[0]} output rows")
+    for name, ref in adapter.replaced.items():
+        target = base.tensors.get(name)
+        if target is None:
+            problems.append(f"tensor {name} (saved whole in the adapter) is not in {base_label}")
+        elif tuple(target.shape) != tuple(ref.shape):
+            problems.append(f"tensor {name} is {list(target.shape)} in {base_label}, the adapter's is "
+                            f"{list(ref.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"adapter {adapter.folder} does not fit base {base_label}: "
+                              + "; ".join(problems[:3]) + more + " (was it trained on another base model?)")
+
+
+def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out: bool, dtype: str) -> TensorPlan:
+    def compute():
+        import torch
+
+        a = load_tensor(mod.a).float()
+        b = load_tensor(mod.b).float()
+        out_dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
+        rows = base_ref.shape[0]
+        if fan_in_fan_out and mod.magnitude is not None:  # row norms run across stored columns: whole tensor
+            w = load_tensor(base_ref).float() + mod.scale * (b @ a).T
+            norm = torch.linalg.norm(w.T, dim=1)
+            yield tensor_to_bytes((w * (load_tensor(mod.magnitude).float().reshape(-1) / norm)).to(out_dt))
+            return
+        mag = load_tensor(mod.magnitude).float().reshape(-1) if mod.magnitude is not None else None
+        step = max(1, CHUNK_BYTES // (4 * max(1, base_ref.shape[1])))
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            w = load_tensor(base_ref, (lo, hi)).float()
+            w += mod.scale * ((a.T[lo:hi] @ b.T) if fan_in_fan_out else (b[lo:hi] @ a))
+            if mag is not None:
+                w *= (mag[lo:hi] / torch.linalg.norm(w, dim=1)).unsqueeze(1)
+            yield tensor_to_bytes(w.to(out_dt))
+
+    kind = "DoRA" if mod.magnitude is not None else "LoRA"
+    return TensorPlan(name, dtype, tuple(base_ref.shape), compute=compute,
+                      description=f"{kind} merge of {base_ref.name} (r={mod.a.shape[0]}, scale {mod.scale:g})")
+
+
+def _replaced_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
+    if ref.dtype == dtype:
+        return TensorPlan(name, dtype, tuple(ref.shape), copy=ref, description="copy from the adapter")
+
+    def compute():
+        import torch
+
+        yield tensor_to_bytes(load_tensor(ref).to(getattr(torch, TORCH_DTYPE_NAMES[dtype])))
+
+    return TensorPlan(name, dtype, tuple(ref.shape), compute=compute, description=f"from the adapter -> {dtype}")
+
+
+def plan_adapter_merge(base: Checkpoint, adapter: Adapter, base_label: str | None = None,
+                       dtype: str | None = None) -> list[TensorPlan]:
+    """A tensor plan for base + adapter: merged tensors computed, every other base tensor copied by bytes.
+    Each output tensor keeps the base tensor's dtype, or takes `dtype` (floating tensors only)."""
+    check_adapter_matches(adapter, base, base_label or str(base.folder))
+    merged = {f"{m.module}.weight": m for m in adapter.modules.values()}
+    plans = []
+    for name, ref in base.tensors.items():
+        out_dtype = dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
+        if name in merged:
+            plans.append(_merged_plan(name, ref, merged[name], adapter.fan_in_fan_out, out_dtype))
+        elif name in adapter.replaced:
+            plans.append(_replaced_plan(name, adapter.replaced[name], out_dtype))
+        else:
+            plans.append(source_plan(name, ref, dtype))
+    return plans
+
+
+def adapter_summary(adapter: Adapter) -> dict:
+    """What an adapter changes, for reports and --dry-run."""
+    cfg = adapter.config
+    return {
+        "adapter": str(adapter.folder), "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora")), "use_dora": bool(cfg.get("use_dora")),
+        "modules": len(adapter.modules), "replaced_tensors": sorted(adapter.replaced),
+        "adapter_params": sum(m.a.numel + m.b.numel + (m.magnitude.numel if m.magnitude else 0)
+                              for m in adapter.modules.values()),
+        "base_model": cfg.get("base_model_name_or_path"),
+    }

@@ -1,0 +1,145 @@
+"""upstack merge-adapter: a PEFT adapter merged into its base equals PEFT's merge_and_unload; bad pairs refused."""
+
+import json
+
+import pytest
+
+from tiny import build_tiny_model
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def cli(*args) -> int:
+    from upstack.cli import main
+
+    return main([str(a) for a in args])
+
+
+def _adapter(base_dir, out_dir, *, seed=0, **lora_kw):
+    """Train-free random adapter: LoRA matrices initialised non-zero, so the merge changes every target."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **lora_kw}
+    pm = get_peft_model(model, LoraConfig(**kw))
+    with torch.no_grad():  # modules saved whole must differ from the base too
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.25)
+    pm.save_pretrained(out_dir)
+    return out_dir
+
+
+def _peft_merged(base_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().state_dict()
+
+
+def _ours(out_dir):
+    from safetensors.torch import load_file
+
+    got = {}
+    for f in sorted(out_dir.glob("*.safetensors")):
+        got.update(load_file(f))
+    return got
+
+
+@pytest.mark.parametrize("model_type,dtype,tied,variant", [
+    ("llama", "float32", False, {}),
+    ("mistral", "bfloat16", False, {}),
+    ("qwen2", "float32", False, {"use_rslora": True}),
+    ("llama", "float32", True, {}),
+    ("llama", "bfloat16", False, {"use_dora": True}),
+    ("mistral", "float32", False, {"modules_to_save": ["lm_head"], "rank_pattern": {"q_proj": 2},
+                                   "alpha_pattern": {"v_proj": 3}}),
+])
+def test_equals_peft_merge_and_unload(tmp_path, model_type, dtype, tied, variant):
+    base = build_tiny_model(tmp_path / "base", model_type, dtype=dtype, tie_word_embeddings=tied,
+                            num_hidden_layers=2)
+    adapter = _adapter(base, tmp_path / "adapter", **variant)
+    out = tmp_path / "merged"
+    assert cli("merge-adapter", base, adapter, out, "--quiet") == 0
+    want = _peft_merged(base, adapter)
+    got = _ours(out)
+    assert set(got) <= set(want) and len(got) >= len(want) - 1  # a tied head is stored once
+    changed = 0
+    for name, t in got.items():
+        w = want[name]
+        assert t.dtype == w.dtype == getattr(torch, dtype), name
+        # Both compute W + s B A in fp32 and round once to the base dtype: equal up to one rounding step.
+        # PEFT adds the delta after casting it to bf16 (two roundings), so bf16 may differ by a rounding step.
+        if dtype == "float32":
+            assert torch.allclose(t, w, rtol=1e-6, atol=1e-7), name
+        else:
+            assert torch.allclose(t.float(), w.float(), rtol=2 ** -7, atol=1e-4), name
+        changed += name.endswith("proj.weight")
+    assert changed == 2 * 7  # every linear module of both layers was merged
+    meta = json.loads((out / "upstack.json").read_text())["merge_adapter"]
+    assert meta["r"] == 4 and meta["modules"] == 14
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
+    # The output is a plain HF folder: it loads and runs.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[1, 5, 9]]))
+
+
+def test_untouched_tensors_are_byte_copies_and_dtype_override(tmp_path):
+    from safetensors import safe_open
+
+    base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2)
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    assert cli("merge-adapter", base, adapter, tmp_path / "m", "-q") == 0
+    with safe_open(base / "model.safetensors", "pt") as a, safe_open(tmp_path / "m" / "model.safetensors", "pt") as b:
+        for name in a.keys():
+            same = torch.equal(a.get_tensor(name), b.get_tensor(name))
+            assert same == ("q_proj" not in name), name
+    assert cli("merge-adapter", base, adapter, tmp_path / "h", "-q", "--dtype", "bfloat16") == 0
+    assert all(t.dtype == torch.bfloat16 for t in _ours(tmp_path / "h").values())
+
+
+def test_adapter_of_another_base_is_refused_and_nothing_is_written(tmp_path, capsys):
+    base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2)
+    wider = build_tiny_model(tmp_path / "wider", "llama", num_hidden_layers=2, hidden_size=96)
+    adapter = _adapter(wider, tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert cli("merge-adapter", base, adapter, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not fit base" in err and "another base" in err
+    assert "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    deeper = build_tiny_model(tmp_path / "deeper", "llama", num_hidden_layers=3)
+    assert cli("merge-adapter", base, _adapter(deeper, tmp_path / "a3"), out) == 2
+    assert "no weight in" in capsys.readouterr().err
+
+
+def test_bad_adapter_folders(tmp_path, capsys):
+    base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2)
+    (tmp_path / "empty").mkdir()
+    assert cli("merge-adapter", base, tmp_path / "empty", tmp_path / "o") == 2
+    assert "not a PEFT adapter folder" in capsys.readouterr().err
+    adapter = _adapter(base, tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    assert cli("merge-adapter", base, adapter, tmp_path / "o") == 2
+    assert "only LORA" in capsys.readouterr().err
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
+    assert cli("merge-adapter", base, adapter, tmp_path / "o") == 2
+    assert "error: " in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2)
+    adapter = _adapter(base, tmp_path / "adapter")
+    assert cli("merge-adapter", base, adapter, tmp_path / "o", "--dry-run", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["modules"] == 14 and report["dry_run"] and not (tmp_path / "o").exists()
