@@ -140,9 +140,9 @@ def format_data_spec(spec: DataSpec) -> str:
 def split_named(text: str) -> tuple[str, str] | None:
     """'NAME=VALUE' -> (NAME, VALUE); None when `text` has no '=' or nothing before it.
 
-    NAME may be any text and VALUE may be empty: each caller says which it accepts (a benchmark name
-    is letters, digits, '_', '.' and '-', and the text must not be an existing path; --task-file needs a path; a recipe's
-    benchmark label holds no '/').
+    NAME may be any text and VALUE may be empty: each caller says which it accepts (a benchmark name is
+    letters, digits, '_', '.' and '-', and the text must not be an existing path; --task-file needs a
+    path; a recipe's benchmark label holds no '/').
     """
     name, sep, value = text.partition("=")
     if not sep or not name:
