@@ -12,7 +12,6 @@ Perplexity = exp(total NLL / predicted tokens); bits per byte (tokenizer-indepen
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from typing import Any
 from upstack.data.jsonl import read_json_rows
 from upstack.errors import ConfigError, DataError
 from upstack.lm import check_token_ids, load_for_inference, model_max_positions
-
-log = logging.getLogger(__name__)
 
 
 def read_texts(file: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
