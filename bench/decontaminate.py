@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from upstack.data.benchmarks import benchmark_examples
+from upstack.data.decontaminate import DecontaminateConfig, decontaminate
+from upstack.data.ngrams import words
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 SHARED = Path(os.environ.get("UPSTACK_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
@@ -40,8 +44,6 @@ def benchmarks() -> list[str]:
 def generate(path: Path, rows: int, contaminated_every: int, seed: int = 0) -> None:
     """SFT-like rows (instruction/input/output, ~90 words) built from the vocabulary of real instruction
     data; every `contaminated_every`-th row embeds a benchmark example (question + answer)."""
-    from upstack.data.benchmarks import benchmark_examples
-
     rng = random.Random(seed)
     vocab_text = (SHARED / "alpaca_gpt4" / "alpaca_en_demo.jsonl").read_text(encoding="utf-8")
     vocab = [w for w in vocab_text.replace("\\n", " ").split() if w.isalpha()][:200_000]
@@ -62,9 +64,6 @@ def generate(path: Path, rows: int, contaminated_every: int, seed: int = 0) -> N
 
 def naive(data: str, against: list[str], out: str, n: int, limit: int | None) -> dict:
     """The straightforward implementation (the baseline)."""
-    from upstack.data.decontaminate import words
-    from upstack.data.benchmarks import benchmark_examples
-
     t0 = time.perf_counter()
     grams: set[tuple[str, ...]] = set()
     for b in against:
@@ -110,7 +109,6 @@ def naive(data: str, against: list[str], out: str, n: int, limit: int | None) ->
 
 
 def ours(data: str, against: list[str], out: str, n: int, limit: int | None) -> dict:
-    from upstack.data.decontaminate import DecontaminateConfig, decontaminate
 
     src = data
     if limit:  # the same first `limit` rows as the baseline

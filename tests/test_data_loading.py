@@ -10,7 +10,7 @@ import tracemalloc
 import pytest
 
 from upstack.config import config_from_dict
-from upstack.data import loading
+from upstack.data import files
 from upstack.data.loading import (DataSpec, LoadReport, compile_filter, format_data_spec, iter_text_documents,
                                   load_dpo_rows, load_sft_rows, parse_data_spec)
 from upstack.errors import ConfigError, DataError, UpstackError
@@ -178,7 +178,7 @@ def test_every_file_type_gives_the_same_rows(tmp_path):
 
 
 def test_json_array_is_parsed_incrementally(tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "_CHUNK", 7)  # rows and numbers straddle every chunk boundary
+    monkeypatch.setattr(files, "_CHUNK", 7)  # rows and numbers straddle every chunk boundary
     rows = [{"instruction": f"Q{i} " + "x" * (i % 13), "input": "", "output": str(10 ** (i % 9))} for i in range(50)]
     p = tmp_path / "a.json"
     p.write_text(" [\n" + ",\n  ".join(json.dumps(r) for r in rows) + "\n ]\n")

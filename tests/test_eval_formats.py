@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from upstack.errors import DataError
-from upstack.data import benchmarks as formats
 from upstack.evaluate.tasks import hooks
-from upstack.data.benchmarks import detect_format, example_text, load_docs
+from upstack.data.benchmarks import detect_benchmark_format as detect_format, example_text, load_docs
 
 LM_EVAL_TASKS = Path(__import__("lm_eval.tasks", fromlist=["x"]).__file__).parent
 

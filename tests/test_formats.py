@@ -2,7 +2,7 @@
 
 import pytest
 
-from upstack.data.formats import FORMATS, RowError, convert_row, detect_format, formats_of
+from upstack.data.formats import FORMATS, RowError, convert_row, detect_row_format as detect_format, formats_of
 from upstack.errors import DataError
 
 

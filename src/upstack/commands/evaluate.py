@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from upstack.commands.output import print_json
+from upstack.data.decontaminate import DecontaminateConfig, decontaminate
+from upstack.data.decontaminate import format_report as decontaminate_report
+from upstack.data.spec import split_named
 from upstack.errors import ConfigError
+from upstack.evaluate.contamination import ContaminationConfig, contamination
+from upstack.evaluate.contamination import format_report as contamination_report
+from upstack.evaluate.harness import EvalConfig, compare, compare_table, evaluate, markdown_table
 
 ORDER = 50
 
@@ -83,10 +90,10 @@ examples:
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
+        named = split_named(item)
+        if named is None or not named[1]:
             raise ConfigError(f"{flag} {item!r}: expected TASK=PATH")
-        out[key.strip()] = value.strip()
+        out[named[0].strip()] = named[1].strip()
     return out
 
 
@@ -214,8 +221,6 @@ def _quiet_harness(debug: bool) -> None:
 
 
 def run_eval(args) -> int:
-    from upstack.evaluate.harness import EvalConfig, compare, compare_table, evaluate, markdown_table
-
     if args.compare:
         if args.model or args.tasks or args.perplexity or args.preference:
             raise ConfigError("--compare takes only results files (no MODEL, --tasks, --perplexity or --preference)")
@@ -255,15 +260,11 @@ def run_eval(args) -> int:
     else:
         sys.stdout.write(markdown_table(out))
     if args.output:
-        from pathlib import Path
-
         logging.getLogger(__name__).info("wrote %s and %s", args.output, Path(args.output).with_suffix(".md"))
     return 0
 
 
 def run_contamination(args) -> int:
-    from upstack.evaluate.contamination import ContaminationConfig, contamination, format_report
-
     cfg = ContaminationConfig(
         model=args.model, reference=args.reference, benchmarks=args.benchmark, method=args.method,
         num_examples=args.num_examples, num_neighbours=args.num_neighbours, prefix_fraction=args.prefix_fraction,
@@ -275,13 +276,11 @@ def run_contamination(args) -> int:
     if args.json:
         print_json(out)
     else:
-        print(format_report(out))
+        print(contamination_report(out))
     return 0
 
 
 def run_decontaminate(args) -> int:
-    from upstack.data.decontaminate import DecontaminateConfig, decontaminate, format_report
-
     cfg = DecontaminateConfig(
         data=args.data, against=args.against, out=args.out, removed=args.removed, ngram=args.ngram,
         fields=[f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else [],
@@ -291,5 +290,5 @@ def run_decontaminate(args) -> int:
     if args.json:
         print_json(report)
     else:
-        print(format_report(report))
+        print(decontaminate_report(report))
     return 0

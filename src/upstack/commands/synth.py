@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 from upstack.commands.output import format_table, print_json
+from upstack.data.synth_math import SynthMathConfig, run_synth_math
+from upstack.data.synthetic import SynthDataConfig, run_synth_data
 
 ORDER = 70
 
@@ -94,8 +96,6 @@ def register(sub, common) -> None:
 
 
 def run_synth_data_cmd(args) -> int:
-    from upstack.data.synthetic import SynthDataConfig, run_synth_data
-
     cfg = SynthDataConfig(out=args.out, seed=args.seed, scale=args.scale,
                           tokenizer_vocab_size=args.tokenizer_vocab, overwrite=args.overwrite)
     manifest = run_synth_data(cfg)
@@ -110,8 +110,6 @@ def run_synth_data_cmd(args) -> int:
 
 
 def run_synth_math_cmd(args) -> int:
-    from upstack.data.synth_math import SynthMathConfig, run_synth_math
-
     cfg = SynthMathConfig(
         seed_data=args.seed_data, model=args.model, out=args.out, format=args.format, limit=args.limit,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

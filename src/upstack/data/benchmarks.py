@@ -21,46 +21,14 @@ import json
 import re
 from pathlib import Path
 
+from upstack.data.jsonl import read_json_rows
+from upstack.data.spec import split_named
 from upstack.errors import DataError
 
 FORMATS = ("arc", "hellaswag", "mmlu", "truthfulqa", "winogrande", "gsm8k")
 
 _MMLU_LETTERS = "ABCD"
 _CACHE: dict[tuple, list[dict]] = {}
-
-
-# ----------------------------------------------------------------------------------------- raw rows
-def read_json_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """Rows of a JSONL file or a JSON array file, each with its location ('line 7' / 'item 7')."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows: list[tuple[str, dict]] = []
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        for i, item in enumerate(items, 1):
-            if not isinstance(item, dict):
-                raise DataError(f"{path}: item {i}: expected a JSON object, got {type(item).__name__}")
-            rows.append((f"item {i}", item))
-        return rows
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-        if not isinstance(item, dict):
-            raise DataError(f"{path}: line {i}: expected a JSON object, got {type(item).__name__}")
-        rows.append((f"line {i}", item))
-    return rows
 
 
 def _field(path, where, row: dict, dotted: str, types=str):
@@ -245,7 +213,7 @@ def load_docs(fmt: str, path: str | Path) -> list[dict]:
     return docs
 
 
-def detect_format(path: str | Path) -> str | None:
+def detect_benchmark_format(path: str | Path) -> str | None:
     """Which benchmark format a file is in, from its extension and the fields of its first row."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -298,21 +266,22 @@ def example_text(fmt: str, doc: dict) -> str:
     raise ValueError(fmt)
 
 
-def _strings(value) -> list[str]:
+def strings_in(value) -> list[str]:
+    """Every string in a JSON value (nested lists and objects included), depth first."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
+        return [s for v in value.values() for s in strings_in(v)]
     if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
+        return [s for v in value for s in strings_in(v)]
     return []
 
 
 def parse_benchmark(spec: str) -> tuple[str, str]:
     """'gsm8k=path' -> ('gsm8k', 'path'); 'path' -> (name from the file or folder, 'path')."""
-    name, sep, path = spec.partition("=")
-    if sep and name and not Path(spec).exists() and re.fullmatch(r"[\w.-]+", name):
-        return name, path
+    named = split_named(spec)
+    if named and not Path(spec).exists() and re.fullmatch(r"[\w.-]+", named[0]):
+        return named
     p = Path(spec)
     return (p.name if p.is_dir() else p.stem), spec
 
@@ -339,7 +308,7 @@ def benchmark_examples(path: str | Path) -> tuple[str, list[str]]:
     """
     fmts, texts = set(), []
     for f in benchmark_files(path):
-        fmt = detect_format(f)
+        fmt = detect_benchmark_format(f)
         if fmt is not None:
             texts += [example_text(fmt, d) for d in load_docs(fmt, f)]
         elif f.suffix.lower() == ".txt":
@@ -351,7 +320,7 @@ def benchmark_examples(path: str | Path) -> tuple[str, list[str]]:
                 if isinstance(row.get("text"), str):
                     texts.append(row["text"])
                 else:
-                    strings = _strings(row)
+                    strings = strings_in(row)
                     if not strings:
                         raise DataError(f"{f}: {where}: row has no string fields")
                     texts.append(" ".join(strings))
@@ -361,5 +330,5 @@ def benchmark_examples(path: str | Path) -> tuple[str, list[str]]:
     return (fmts.pop() if len(fmts) == 1 else "mixed"), texts
 
 
-__all__ = ["FORMATS", "load_docs", "detect_format", "example_text", "benchmark_examples", "benchmark_files",
+__all__ = ["FORMATS", "load_docs", "detect_benchmark_format", "example_text", "benchmark_examples", "benchmark_files",
            "read_json_rows", "read_mmlu_csv", "mmlu_subject", "hellaswag_preprocess"]

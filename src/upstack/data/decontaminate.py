@@ -26,16 +26,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from upstack.data.benchmarks import benchmark_examples, parse_benchmark, strings_in
+from upstack.data.jsonl import json_lines
+from upstack.data.ngrams import UNICODE_PUNCTUATION, words
 from upstack.errors import ConfigError, DataError
-from upstack.data.benchmarks import benchmark_examples, parse_benchmark
 from upstack.outputs import atomic_file, check_output_free
 
 log = logging.getLogger(__name__)
 
-_UNI_PUNCT = "\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00ab\u00bb\u00bf\u00a1\u2032\u2033"
 _UNI_SPACE = "".join(c for c in map(chr, range(0x80, 0x3001)) if c.isspace())  # what str.split() splits on
-NORMALISE = str.maketrans({**{c: None for c in string.punctuation + _UNI_PUNCT}, "\x00": " "})
-_NON_ASCII = str.maketrans({**{c: None for c in _UNI_PUNCT}, **{c: " " for c in _UNI_SPACE}})
+_NON_ASCII = str.maketrans({**{c: None for c in UNICODE_PUNCTUATION}, **{c: " " for c in _UNI_SPACE}})
 _BYTE_SPACE = bytes(32 if c in b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f" else c for c in range(256))
 _BYTE_PUNCT = string.punctuation.encode()
 _MULT = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial n-gram hash
@@ -53,9 +53,12 @@ class DecontaminateConfig:
     overwrite: bool = False
 
 
-def words(text: str) -> list[str]:
-    """Normalised word tokens: lowercase, punctuation deleted, split on whitespace."""
-    return text.lower().translate(NORMALISE).split()
+def check_config(cfg: DecontaminateConfig) -> None:
+    """The values of a decontaminate run (no file is read: inputs may come from earlier stages)."""
+    if cfg.ngram < 1:
+        raise ConfigError(f"--ngram must be at least 1, got {cfg.ngram}")
+    if not cfg.against:
+        raise ConfigError("give at least one benchmark: --against FILE ...")
 
 
 def _powers(n: int):
@@ -207,17 +210,6 @@ def build_index(specs: list[str], n: int) -> BenchmarkIndex:
     return BenchmarkIndex(names, paths, uniq, masks, bloom, k, stats)
 
 
-def _strings(value, out: list[str]) -> None:
-    if isinstance(value, str):
-        out.append(value)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _strings(v, out)
-    elif isinstance(value, list):
-        for v in value:
-            _strings(v, out)
-
-
 def scan_chunk(rows: list, index: BenchmarkIndex, n: int, fields: list[str]):
     """Per row of the chunk: (benchmark bitmask, first matching n-gram or None)."""
     import numpy as np
@@ -230,11 +222,11 @@ def scan_chunk(rows: list, index: BenchmarkIndex, n: int, fields: list[str]):
             if isinstance(row, dict):
                 for f in fields:
                     if f in row:
-                        _strings(row[f], strings)
+                        strings += strings_in(row[f])
         elif type(row) is dict and all(type(v) is str for v in row.values()):
             strings += row.values()  # the common flat row
         else:
-            _strings(row, strings)
+            strings += strings_in(row)
         owner += [r] * (len(strings) - before)
     masks = np.zeros(len(rows), dtype=np.uint64)
     first: dict[int, str] = {}
@@ -262,25 +254,25 @@ def _parse_chunk(lines: list[tuple[int, bytes]], data: Path) -> list:
     except (json.JSONDecodeError, UnicodeDecodeError):
         pass
     rows = []
-    for no, raw in lines:
-        try:
-            rows.append(json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{data}: line {no}: not valid JSON ({getattr(e, 'msg', e)}); "
-                            "expected one JSON object per line") from None
+    for (no, _), (_, row, error) in zip(lines, json_lines(raw for _, raw in lines)):
+        if error is not None:
+            raise _not_json(data, no, error)
+        rows.append(row)
     return rows
+
+
+def _not_json(data: Path, no: int, error: ValueError) -> DataError:
+    return DataError(f"{data}: line {no}: not valid JSON ({getattr(error, 'msg', error)}); "
+                     "expected one JSON object per line")
 
 
 def decontaminate(cfg: DecontaminateConfig) -> dict:
     """Stream `cfg.data`, write rows without benchmark n-grams to `cfg.out`, the others to the side file."""
     from tqdm.auto import tqdm
 
+    check_config(cfg)
     data, out = Path(cfg.data), Path(cfg.out)
     removed = Path(cfg.removed) if cfg.removed else out.with_name(out.name.removesuffix(".jsonl") + ".removed.jsonl")
-    if cfg.ngram < 1:
-        raise ConfigError(f"--ngram must be at least 1, got {cfg.ngram}")
-    if not cfg.against:
-        raise ConfigError("give at least one benchmark: --against FILE ...")
     if not data.is_file():
         raise DataError(f"{data}: file not found")
     if out.resolve() == data.resolve() or removed.resolve() == data.resolve():
@@ -342,14 +334,9 @@ def decontaminate(cfg: DecontaminateConfig) -> dict:
 def _check_first_row(data: Path, fields: list[str]) -> None:
     """Fail before any work on a file that is not JSONL, or when none of --fields is in its first row."""
     with open(data, "rb") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{data}: line {no}: not valid JSON ({getattr(e, 'msg', e)}); "
-                                "expected one JSON object per line") from None
+        for no, row, error in json_lines(fh):
+            if error is not None:
+                raise _not_json(data, no, error) from None
             if fields and (not isinstance(row, dict) or not any(f in row for f in fields)):
                 have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                 raise DataError(f"{data}: line {no}: none of the fields {', '.join(fields)} (row has: {have})")

@@ -411,7 +411,7 @@ def check_format(name: str, kind: str, source: str) -> Format:
     return fmt
 
 
-def detect_format(row: dict, kind: str, source: str) -> str:
+def detect_row_format(row: dict, kind: str, source: str) -> str:
     """The one `kind` format whose required keys the row has. A format whose keys are a strict subset
     of another match loses to it (orca_dpo's system+question+chosen+rejected beats hh_rlhf's
     chosen+rejected). None or several left: DataError listing formats, asking for format=."""

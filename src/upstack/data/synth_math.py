@@ -28,7 +28,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
+from upstack.data.jsonl import json_lines
 from upstack.errors import ConfigError, DataError, UpstackError
+from upstack.outputs import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class SeedRow:
 # --------------------------------------------------------------------------------------------------
 
 
-def _detect_format(keys: Sequence[str], where: str) -> str:
+def _detect_seed_format(keys: Sequence[str], where: str) -> str:
     for fmt, (q, a) in FORMATS.items():
         if q in keys and a in keys:
             return fmt
@@ -91,20 +93,16 @@ def _iter_json_rows(path: Path):
             raise DataError(f"{path}: a .json seed file must hold an array of objects (or use .jsonl)")
         yield from enumerate(data, 1)
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, obj, error in json_lines(text.splitlines()):
+        if error is not None:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+        yield lineno, obj
 
 
 def read_seed_rows(path: str | Path, fmt: str = "auto", limit: int | None = None) -> tuple[str, list[SeedRow]]:
     """Read (question, answer) seed rows; return (format, rows). Errors name the file, line and field."""
     path = Path(path)
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ConfigError(f"format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+    _check_format(fmt)
     rows: list[SeedRow] = []
     for lineno, obj in _iter_json_rows(path):
         if limit is not None and len(rows) >= limit:
@@ -113,7 +111,7 @@ def read_seed_rows(path: str | Path, fmt: str = "auto", limit: int | None = None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if fmt == "auto":
-            fmt = _detect_format(list(obj), where)
+            fmt = _detect_seed_format(list(obj), where)
         fields = FORMATS[fmt]
         values = []
         for field in fields:
@@ -422,19 +420,28 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_synth_math(cfg: SynthMathConfig, generate_fn: GenerateFn | None = None) -> dict:
-    """Read, validate, generate, check, write `cfg.out` atomically; return the stats.
-
-    `generate_fn` replaces the model backend (tests, or a custom generator).
-    """
-    from upstack.outputs import atomic_output_dir
-
+def check_config(cfg: SynthMathConfig) -> None:
+    """The values of a synth-math run (no file is read: the seed data may come from an earlier stage)."""
     for name in ("max_new_tokens", "batch_size", "limit"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}: must be >= 1, got {value}")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+    _check_format(cfg.format)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ConfigError(f"format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+
+
+def run_synth_math(cfg: SynthMathConfig, generate_fn: GenerateFn | None = None) -> dict:
+    """Read, validate, generate, check, write `cfg.out` atomically; return the stats.
+
+    `generate_fn` replaces the model backend (tests, or a custom generator).
+    """
+    check_config(cfg)
     if generate_fn is None and not Path(cfg.model).exists() and (
             cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
         raise ConfigError(f"--model: {cfg.model} does not exist (give a model folder or a hub id)")

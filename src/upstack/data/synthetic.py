@@ -22,12 +22,16 @@ import hashlib
 import itertools
 import json
 import random
-import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from upstack.data.ngrams import exact_overlap, ngram_overlap
+from upstack.data.ngrams import words as ngram_words
+from upstack.data.tokenizer import train_tokenizer
+from upstack.data.word_problems import OBJECTS, TEMPLATES, apply_op, math_pair, sample_problems
+from upstack.data.word_problems import REJECTED_KINDS  # noqa: F401  (re-exported: tests and docs name it here)
 from upstack.errors import ConfigError
+from upstack.outputs import atomic_output_dir
 
 SCHEMA_VERSION = 1
 MIN_TOKENIZER_VOCAB = 300
@@ -101,7 +105,6 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "food": ("What is {n}'s favourite food?", "Which food does {n} like to eat most?",
              "What food does {n} love most?"),
 }
-OBJECTS = ("apples", "marbles", "coins", "books", "shells", "stickers", "pencils", "eggs", "cards", "stones")
 
 
 def _article(word: str) -> str:
@@ -130,214 +133,11 @@ def _arith_triples() -> list[tuple[int, str, int]]:
     return out
 
 
-def _apply(x: int, op: str, y: int) -> int:
-    return x + y if op == "+" else x - y if op == "-" else x * y
-
 
 def _arith_sentence(rng: random.Random, t: tuple[int, str, int]) -> str:
     a, op, b = t
-    return rng.choice(_ARITH_PHRASES[op]).format(a=a, b=b, c=_apply(a, op, b))
+    return rng.choice(_ARITH_PHRASES[op]).format(a=a, b=b, c=apply_op(a, op, b))
 
-
-# --------------------------------------------------------------------------------------------------
-# Word problems: a question template and the steps of its worked answer
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Template:
-    name: str
-    question: str  # fields: n, m, k (names), obj, a, b, c, d (numbers)
-    steps: tuple[tuple[str, str, str, str], ...]  # (description, left, op, right); operands: a-d or r1, r2
-    ranges: tuple[tuple[int, int], ...]  # inclusive ranges of a, b, c, d
-
-
-_TEMPLATES = (
-    _Template("add_sub",
-              "{n} has {a} {obj}. {m} gives {n} {b} more {obj}. Then {n} gives {c} {obj} to {k}. "
-              "How many {obj} does {n} have now?",
-              (("{n} gets {b} more", "a", "+", "b"), ("{n} gives away {c}", "r1", "-", "c")),
-              ((2, 40), (2, 30), (2, 30))),
-    _Template("mul_add",
-              "{n} buys {a} bags of {obj}. Each bag has {b} {obj}. {m} gives {n} {c} more {obj}. "
-              "How many {obj} does {n} have?",
-              (("{n} buys {a} bags of {b}", "a", "*", "b"), ("{m} gives {c} more", "r1", "+", "c")),
-              ((2, 9), (2, 9), (2, 30))),
-    _Template("mul_sub",
-              "There are {a} boxes with {b} {obj} in each box. {n} takes {c} {obj} away. "
-              "How many {obj} are left in the boxes?",
-              (("{n} counts {a} boxes of {b}", "a", "*", "b"), ("{n} takes {c}", "r1", "-", "c")),
-              ((2, 9), (2, 9), (2, 30))),
-    _Template("sub_sub",
-              "{n} has {a} {obj}. {n} gives {b} {obj} to {m} and {c} {obj} to {k}. "
-              "How many {obj} does {n} have left?",
-              (("{n} gives {b} to {m}", "a", "-", "b"), ("{n} gives {c} to {k}", "r1", "-", "c")),
-              ((20, 90), (2, 30), (2, 30))),
-    _Template("add_add_sub",
-              "{n} has {a} {obj}. On Monday {n} finds {b} more. On Tuesday {n} finds {c} more. "
-              "Then {n} loses {d} of them. How many {obj} does {n} have now?",
-              (("{n} finds {b} on Monday", "a", "+", "b"), ("{n} finds {c} on Tuesday", "r1", "+", "c"),
-               ("{n} loses {d}", "r2", "-", "d")),
-              ((2, 30), (2, 20), (2, 20), (2, 30))),
-    _Template("more_than",
-              "{n} has {a} {obj}. {m} has {b} more {obj} than {n}. "
-              "How many {obj} do {n} and {m} have together?",
-              (("{m} has {b} more", "a", "+", "b"), ("{n} and {m} together", "a", "+", "r1")),
-              ((2, 40), (2, 30))),
-)
-_SLIPS = (-10, -2, -1, 1, 2, 10)
-_FLIPS = {"+": "-", "-": "+", "*": "+"}  # the wrong operation a careless solver uses
-
-
-@dataclasses.dataclass(frozen=True)
-class MathProblem:
-    template: str
-    names: tuple[str, str, str]
-    obj: str
-    numbers: tuple[int, ...]
-
-    @property
-    def key(self) -> tuple:
-        """What makes two problems 'the same problem' for the train/eval split."""
-        return (self.template, self.numbers)
-
-    def _fields(self) -> dict:
-        f = dict(zip("abcd", self.numbers))
-        f.update(n=self.names[0], m=self.names[1], k=self.names[2], obj=self.obj)
-        return f
-
-    def question(self) -> str:
-        return _TEMPLATE_BY_NAME[self.template].question.format(**self._fields())
-
-    def solve(self, slip: tuple[int, int] | None = None,
-              flip: tuple[int, str] | None = None) -> tuple[str, list[int]]:
-        """The worked answer ('desc: x op y = r.' lines, then '#### n') and its step results.
-
-        `slip=(step, delta)` makes that step's result off by `delta`; `flip=(step, op)` does that step
-        with the wrong operation (correctly computed); later steps use the wrong value.
-        """
-        t = _TEMPLATE_BY_NAME[self.template]
-        fields = self._fields()
-        vals = dict(zip("abcd", self.numbers))
-        lines, results = [], []
-        for i, (desc, left, op, right) in enumerate(t.steps):
-            x, y = vals[left], vals[right]
-            if flip and flip[0] == i:
-                op = flip[1]
-            r = _apply(x, op, y) + (slip[1] if slip and slip[0] == i else 0)
-            vals[f"r{i + 1}"] = r
-            results.append(r)
-            lines.append(f"{desc.format(**fields)}: {x} {op} {y} = {r}.")
-        lines.append(f"#### {results[-1]}")
-        return "\n".join(lines), results
-
-    def answer(self) -> str:
-        return self.solve()[0]
-
-    def final(self) -> int:
-        return self.solve()[1][-1]
-
-
-_TEMPLATE_BY_NAME = {t.name: t for t in _TEMPLATES}
-
-
-def _sample_problem(rng: random.Random, names: list[str]) -> MathProblem:
-    while True:
-        t = rng.choice(_TEMPLATES)
-        numbers = tuple(rng.randint(lo, hi) for lo, hi in t.ranges)
-        n, m, k = rng.sample(names, 3)
-        p = MathProblem(t.name, (n, m, k), rng.choice(OBJECTS), numbers)
-        if min(p.solve()[1]) >= 0:
-            return p
-
-
-def _sample_problems(rng: random.Random, names: list[str], count: int, exclude: set) -> list[MathProblem]:
-    """`count` problems whose keys are unique and not in `exclude` (which this adds them to)."""
-    out = []
-    while len(out) < count:
-        p = _sample_problem(rng, names)
-        if p.key not in exclude:
-            exclude.add(p.key)
-            out.append(p)
-    return out
-
-
-REJECTED_KINDS = ("final_line", "slip", "operation")
-
-
-def _rejected_answer(rng: random.Random, p: MathProblem) -> tuple[str, str]:
-    """A plausible wrong worked answer and its kind (REJECTED_KINDS), a third of each:
-    - a careless final line: every step is right but `#### n` does not match the last result;
-    - an arithmetic slip: one step's result is off, the later steps follow from it;
-    - a wrong operation: one step adds where it should subtract (or the reverse, or adds instead of
-      multiplying), computed correctly, and the later steps follow from it.
-    """
-    steps = len(_TEMPLATE_BY_NAME[p.template].steps)
-    correct = p.final()
-    kind = rng.random()
-    if kind < 1 / 3:
-        delta = rng.choice([d for d in _SLIPS if correct + d >= 0])
-        text = p.answer()
-        return text[: text.rindex("#### ")] + f"#### {correct + delta}", "final_line"
-    if kind >= 2 / 3:
-        order = list(range(steps))
-        rng.shuffle(order)
-        for i in order:  # at most one try per step; a flip that goes negative or changes nothing is skipped
-            text, results = p.solve(flip=(i, _FLIPS[_TEMPLATE_BY_NAME[p.template].steps[i][2]]))
-            if min(results) >= 0 and results[-1] != correct:
-                return text, "operation"
-    for _ in range(100):  # a slip of +1, +2 or +10 always qualifies; the cap only guards against a bug
-        slip = (rng.randrange(steps), rng.choice(_SLIPS))
-        text, results = p.solve(slip)
-        if min(results) >= 0 and results[-1] != correct:
-            return text, "slip"
-    raise AssertionError(f"no wrong answer found for {p}")
-
-
-def _pair(rng: random.Random, p: MathProblem) -> dict:
-    rejected, kind = _rejected_answer(rng, p)
-    return {"prompt": p.question(), "chosen": p.answer(), "rejected": rejected, "kind": kind}
-
-
-# --------------------------------------------------------------------------------------------------
-# Disjointness checks
-# --------------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z0-9]+|#+|[+\-*=]")
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase words and numbers (and arithmetic signs), single-spaced: what 'the same text' means here."""
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def ngrams(text: str, n: int = 13) -> set[str]:
-    """The set of word n-grams of `normalize_text(text)` (empty for texts shorter than n words)."""
-    words = normalize_text(text).split()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def ngram_overlap(eval_texts: Iterable[str], train_texts: Iterable[str], n: int = 13) -> list[str]:
-    """Eval texts that share at least one word n-gram with any training text (the GPT-3 style test)."""
-    eval_texts = list(eval_texts)
-    wanted: dict[str, int] = {}
-    for i, t in enumerate(eval_texts):
-        for g in ngrams(t, n):
-            wanted.setdefault(g, i)
-    hits: set[int] = set()
-    for t in train_texts:
-        words = normalize_text(t).split()
-        for j in range(len(words) - n + 1):
-            i = wanted.get(" ".join(words[j:j + n]))
-            if i is not None:
-                hits.add(i)
-    return [eval_texts[i] for i in sorted(hits)]
-
-
-def exact_overlap(eval_texts: Iterable[str], train_texts: Iterable[str]) -> list[str]:
-    """Eval texts whose normalised form equals a training text's."""
-    seen = {normalize_text(t) for t in train_texts}
-    return [t for t in eval_texts if normalize_text(t) in seen]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,13 +236,13 @@ def build_world(seed: int = 0, scale: str = "default") -> dict[str, list]:
 
     # Word problems: evaluation problems first; training problems never reuse their (template, numbers).
     used: set = set()
-    eval_math = _sample_problems(rng, math_eval_names, size.eval_gsm8k, used)
-    eval_dpo = _sample_problems(rng, math_eval_names, size.eval_dpo, used)
+    eval_math = sample_problems(rng, math_eval_names, size.eval_gsm8k, used)
+    eval_dpo = sample_problems(rng, math_eval_names, size.eval_dpo, used)
     eval_keys = set(used)
-    sft_math = _sample_problems(rng, math_train_names, size.sft_math, set(eval_keys))
-    dpo_math = _sample_problems(rng, math_train_names, size.dpo_math, set(eval_keys))
+    sft_math = sample_problems(rng, math_train_names, size.sft_math, set(eval_keys))
+    dpo_math = sample_problems(rng, math_train_names, size.dpo_math, set(eval_keys))
     rows["sft_math.jsonl"] = [_chat(p.question(), p.answer()) for p in sft_math]
-    rows["dpo_math.jsonl"] = [_pair(rng, p) for p in dpo_math]
+    rows["dpo_math.jsonl"] = [math_pair(rng, p) for p in dpo_math]
 
     rows["eval/gsm8k/test.jsonl"] = [{"question": p.question(), "answer": p.answer()} for p in eval_math]
     facts = [(p, a) for p in fact_eval for a in ATTRIBUTES]
@@ -451,7 +251,7 @@ def build_world(seed: int = 0, scale: str = "default") -> dict[str, list]:
     rows["eval/arc_challenge/test.jsonl"] = [
         _arc_item(rng, i, p, a, rng.randrange(len(QUESTIONS[a])))
         for i, (p, a) in enumerate(rng.sample(facts, size.eval_arc))]
-    rows["eval/dpo_heldout.jsonl"] = [_pair(rng, p) for p in eval_dpo]
+    rows["eval/dpo_heldout.jsonl"] = [math_pair(rng, p) for p in eval_dpo]
     rows["eval/heldout.txt"] = _documents(rng, heldout_people, heldout_triples, size.heldout_docs)
     # Held-out worked answers as text, for perplexity: how well a model predicts the answer style it is taught.
     rows["eval/math_heldout.jsonl"] = [{"text": p.question() + "\n" + p.answer()} for p in eval_math]
@@ -533,10 +333,10 @@ def _encode(rows: list, txt: bool) -> bytes:
 
 def _vocabulary(rows: dict[str, list]) -> dict:
     corpus = [r["text"] for r in rows["pretrain.jsonl"]]
-    words = [w for t in corpus for w in normalize_text(t).split()]
+    words = [w for t in corpus for w in ngram_words(t, alnum=True)]
     return {
         "towns": len(TOWNS), **{f"{a}_values": len(v) for a, v in ATTRIBUTES.items() if a != "town"},
-        "word_problem_templates": len(_TEMPLATES), "objects": len(OBJECTS),
+        "word_problem_templates": len(TEMPLATES), "objects": len(OBJECTS),
         "corpus_distinct_words": len(set(words)), "corpus_words": len(words),
         "corpus_chars": sum(len(t) for t in corpus),
     }
@@ -554,11 +354,7 @@ def generate_world(out_dir: str | Path, seed: int = 0, scale: str = "default", *
     the training files; see `upstack.data.tokenizer`). Raises RuntimeError if the held-out sets
     overlap training (a bug in the generator, never expected).
     """
-    from upstack.outputs import atomic_output_dir
-
-    if tokenizer_vocab_size is not None and tokenizer_vocab_size < MIN_TOKENIZER_VOCAB:
-        raise ConfigError(f"tokenizer_vocab_size: {tokenizer_vocab_size} is too small for a byte-level BPE "
-                          f"(256 byte tokens + 4 special tokens + merges; use >= {MIN_TOKENIZER_VOCAB})")
+    _check_options(scale, tokenizer_vocab_size)
     rows = build_world(seed, scale)
     splits = rows.pop("_splits")[0]
     disjoint = check_disjoint(rows)
@@ -582,8 +378,6 @@ def generate_world(out_dir: str | Path, seed: int = 0, scale: str = "default", *
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(blob)
         if tokenizer_vocab_size:
-            from upstack.data.tokenizer import train_tokenizer
-
             _, texts = _train_texts(rows)
             train_tokenizer(texts, tmp / "tokenizer", vocab_size=tokenizer_vocab_size)
             manifest["tokenizer"] = {"path": "tokenizer", "vocab_size": tokenizer_vocab_size}
@@ -602,6 +396,20 @@ class SynthDataConfig:
     overwrite: bool = False
 
 
+def check_config(cfg: SynthDataConfig) -> None:
+    """The values of a synth-data run: a known scale, a tokenizer vocabulary a byte-level BPE can have."""
+    _check_options(cfg.scale, cfg.tokenizer_vocab_size)
+
+
+def _check_options(scale: str, tokenizer_vocab_size: int | None) -> None:
+    if tokenizer_vocab_size is not None and tokenizer_vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ConfigError(f"tokenizer_vocab_size: {tokenizer_vocab_size} is too small for a byte-level BPE "
+                          f"(256 byte tokens + 4 special tokens + merges; use >= {MIN_TOKENIZER_VOCAB})")
+    if scale not in SCALES:
+        raise ConfigError(f"scale: {scale!r} is not one of {', '.join(SCALES)}")
+
+
 def run_synth_data(cfg: SynthDataConfig) -> dict:
+    check_config(cfg)
     return generate_world(cfg.out, cfg.seed, cfg.scale, overwrite=cfg.overwrite,
                           tokenizer_vocab_size=cfg.tokenizer_vocab_size)

@@ -59,6 +59,22 @@ class ContaminationConfig:
     output: str | None = None  # results JSON
 
 
+def check_config(cfg: ContaminationConfig) -> None:
+    """The values of a contamination run (no file is read: benchmarks and models may come from earlier stages)."""
+    if cfg.method == "neighbours" and not cfg.reference:
+        raise ConfigError("the neighbour test needs --reference (the model the target was trained from, e.g. its base)")
+    if not cfg.benchmarks:
+        raise ConfigError("give at least one --benchmark FILE")
+    for name, value, ok in (("--num-examples", cfg.num_examples, cfg.num_examples > 0),
+                            ("--num-neighbours", cfg.num_neighbours, cfg.num_neighbours > 0),
+                            ("--prefix-fraction", cfg.prefix_fraction, 0 < cfg.prefix_fraction < 1),
+                            ("--threshold", cfg.threshold, 0 < cfg.threshold <= 1),
+                            ("--min-k-percent", cfg.min_k_percent, 0 < cfg.min_k_percent <= 100),
+                            ("--temperature", cfg.temperature, cfg.temperature > 0)):
+        if not ok:
+            raise ConfigError(f"{name}: invalid value {value}")
+
+
 def verdict(result: float) -> str:
     if result < 0.1:
         return "clean"
@@ -74,7 +90,6 @@ VERDICT_TEXT = {"clean": "no sign of contamination (< 0.1)", "contaminated": "li
 def token_logprobs(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list:
     """Per text, the log-probabilities of its tokens after the first (a float tensor on CPU)."""
     import torch
-
 
     encoded = []
     for t in texts:
@@ -153,19 +168,7 @@ def _fit(text: str, tokenizer, max_tokens: int) -> str:
 
 def contamination(cfg: ContaminationConfig) -> dict:
     """Run the contamination test on every benchmark; return (and write to `cfg.output`) the results."""
-
-    if cfg.method == "neighbours" and not cfg.reference:
-        raise ConfigError("the neighbour test needs --reference (the model the target was trained from, e.g. its base)")
-    if not cfg.benchmarks:
-        raise ConfigError("give at least one --benchmark FILE")
-    for name, value, ok in (("--num-examples", cfg.num_examples, cfg.num_examples > 0),
-                            ("--num-neighbours", cfg.num_neighbours, cfg.num_neighbours > 0),
-                            ("--prefix-fraction", cfg.prefix_fraction, 0 < cfg.prefix_fraction < 1),
-                            ("--threshold", cfg.threshold, 0 < cfg.threshold <= 1),
-                            ("--min-k-percent", cfg.min_k_percent, 0 < cfg.min_k_percent <= 100),
-                            ("--temperature", cfg.temperature, cfg.temperature > 0)):
-        if not ok:
-            raise ConfigError(f"{name}: invalid value {value}")
+    check_config(cfg)
     benches = []
     for spec in cfg.benchmarks:
         name, path = parse_benchmark(spec)

@@ -12,21 +12,17 @@ Perplexity = exp(total NLL / predicted tokens); bits per byte (tokenizer-indepen
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from upstack.data.jsonl import read_json_rows
 from upstack.errors import ConfigError, DataError
-from upstack.data.benchmarks import read_json_rows
 from upstack.lm import check_token_ids, load_for_inference, model_max_positions
-
-log = logging.getLogger(__name__)
 
 
 def read_texts(file: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
     """Documents of a .txt file (one) or a JSONL/JSON file (one per row, field `text_field`)."""
-
     path = Path(file)
     if not path.is_file():
         raise DataError(f"{path}: file not found")

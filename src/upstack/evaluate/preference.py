@@ -29,9 +29,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from upstack.errors import DataError
-from upstack.data.benchmarks import read_json_rows
 from upstack.data.chat import encode_pairs, resolve_template
+from upstack.data.jsonl import read_json_rows
+from upstack.data.loading import load_dpo_rows, parse_data_spec
+from upstack.errors import DataError
 from upstack.lm import (
     collate_segments, forward_scored, load_for_inference, model_max_positions, pad_token_id, sequence_logps, to_device,
 )
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 def _pair_logps(model, tokenizer, enc, pairs: list[tuple[int, int]], batch_size: int):
     """[(chosen logp, rejected logp, chosen tokens, rejected tokens)] for encoded pairs, in order."""
     import torch
-
 
     dev = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
@@ -63,7 +63,6 @@ def _pair_logps(model, tokenizer, enc, pairs: list[tuple[int, int]], batch_size:
 
 def _groups(path: Path, field: str, n_rows: int) -> list[str]:
     """The `field` value of each row of a JSONL/JSON file (rows must line up with the loaded pairs)."""
-
     raw = read_json_rows(path)
     values = []
     for where, row in raw:
@@ -106,8 +105,6 @@ def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any =
     "margin", "chosen_logp", "rejected_logp", "chosen_nll_per_token"} (+ "reference", "reward_accuracy",
     "reward_margin"; + "groups": {value: the same metrics} with `group_field`)."""
     import numpy as np
-
-    from upstack.data.loading import load_dpo_rows, parse_data_spec
 
     path = Path(file)
     if not path.is_file():

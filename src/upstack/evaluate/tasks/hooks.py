@@ -1,7 +1,7 @@
 """Functions the local task templates (`*_local.yaml`) name with `!function`.
 
 `*_dataset` are lm-eval `custom_dataset` hooks: the harness calls them with the task's
-`dataset_kwargs` (here `eval_file` and `fewshot_file`, written by `upstack.evaluate.harness`) and
+`dataset_kwargs` (here `eval_file` and `fewshot_file`, written by `upstack.evaluate.tasks.local`) and
 gets a DatasetDict with a `test` split (scored) and, when few-shot examples come from another file,
 a `train` split.
 """

@@ -1,0 +1,226 @@
+"""Records of one local data file: JSONL, JSON array (parsed incrementally), parquet, CSV/TSV (each
+optionally gzipped) and plain text (paragraphs, lines or the whole file).
+
+A record is (row number, value, problem): problem is None or why the row could not be read, so that
+the loaders can skip bad rows (skip_bad_rows) or report them with file and row.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from upstack.data.jsonl import json_lines
+from upstack.errors import DataError
+
+ROW_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+                ".csv": "csv", ".tsv": "tsv"}
+TEXT_SUFFIXES = {".txt": "txt", ".text": "txt", ".raw": "txt"}
+_PEEK_LINES = 1000
+_CHUNK = 1 << 20
+
+
+def file_type(path: Path) -> str | None:
+    """jsonl, json, parquet, csv, tsv or txt from the name (a trailing .gz is allowed, not for parquet)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".parquet":
+            return None
+    if not suffixes:
+        return None
+    return ROW_SUFFIXES.get(suffixes[-1]) or TEXT_SUFFIXES.get(suffixes[-1])
+
+
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+# A record is (row number, value, problem): problem is None or why the row could not be read.
+Record = tuple[int, Any, "str | None"]
+
+
+def iter_file_records(path: Path, *, columns: list[str] | None = None) -> Iterator[Record]:
+    kind = file_type(path)
+    if kind == "jsonl":
+        yield from _iter_jsonl(path)
+    elif kind == "json":
+        yield from _iter_json(path)
+    elif kind == "parquet":
+        yield from _iter_parquet(path, columns)
+    elif kind in ("csv", "tsv"):
+        with _open_text(path) as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if kind == "tsv" else ",")
+            if reader.fieldnames is None:
+                return
+            for n, row in enumerate(reader, 1):
+                if None in row:
+                    yield n, row, f"has more values than the header has columns ({len(reader.fieldnames)})"
+                else:
+                    yield n, row, None
+    else:
+        raise AssertionError(kind)
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record]:
+    """Rows numbered by line (blank lines are skipped but counted)."""
+    with open_binary(path) as fh:
+        for n, value, error in json_lines(_without_bom(fh)):
+            if isinstance(error, UnicodeDecodeError):
+                yield n, None, "is not valid UTF-8"
+            elif error is not None:
+                yield n, None, f"is not valid JSON ({getattr(error, 'msg', error)})"
+            else:
+                yield n, value, None
+
+
+def _without_bom(lines: Iterator[bytes]) -> Iterator[bytes]:
+    for n, line in enumerate(lines, 1):
+        yield line[3:] if n == 1 and line.startswith(b"\xef\xbb\xbf") else line
+
+
+def _iter_json(path: Path) -> Iterator[Record]:
+    """A JSON array of rows, parsed incrementally (rows numbered from 1); a .json file holding JSON
+    Lines is read as JSONL."""
+    with _open_text(path) as fh:
+        reader = _Chunks(fh)
+        first = reader.peek()
+        if first == "{":
+            fh.close()
+            yield from _iter_jsonl(path)
+            return
+        if first != "[":
+            raise DataError(f"{path}: expected a JSON array of rows (or JSON Lines)")
+        reader.pos += 1
+        decoder = json.JSONDecoder()
+        n = 0
+        while True:
+            ch = reader.peek()
+            if ch == "]":
+                return
+            if n and ch == ",":
+                reader.pos += 1
+                ch = reader.peek()
+            elif n:
+                raise DataError(f"{path} row {n + 1}: expected ',' or ']' after row {n}")
+            if not ch:
+                raise DataError(f"{path}: the JSON array is not closed (after row {n})")
+            while True:
+                try:
+                    value, end = decoder.raw_decode(reader.buf, reader.pos)
+                    if end < len(reader.buf) or reader.eof:  # a number cut at the chunk end parses short
+                        break
+                except json.JSONDecodeError as e:
+                    if reader.eof:
+                        raise DataError(f"{path} row {n + 1}: not valid JSON ({e.msg}); a broken JSON array"
+                                        f" cannot be read past it") from None
+                reader.fill()
+            n += 1
+            yield n, value, None
+            reader.advance(end)
+
+
+class _Chunks:
+    """A text stream read in chunks: `buf[pos:]` is unread; fill() grows the buffer geometrically."""
+
+    def __init__(self, fh):
+        self.fh, self.buf, self.pos, self.eof = fh, "", 0, False
+
+    def fill(self) -> None:
+        more = self.fh.read(max(_CHUNK, len(self.buf) - self.pos))
+        self.eof = not more
+        self.buf, self.pos = self.buf[self.pos:] + more, 0
+
+    def peek(self) -> str:
+        """The next non-whitespace character ("" at the end)."""
+        while True:
+            self.pos = _skip_ws(self.buf, self.pos)
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+            self.fill()
+
+    def advance(self, pos: int) -> None:
+        self.pos = pos
+        if pos > _CHUNK:
+            self.buf, self.pos = self.buf[pos:], 0
+
+
+def _skip_ws(buf: str, pos: int) -> int:
+    while pos < len(buf) and buf[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _iter_parquet(path: Path, columns: list[str] | None) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    if columns:
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)});"
+                            f" pass field=NAME")
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row, None
+
+
+def guess_text_unit(path: Path) -> str:
+    """paragraph if a blank line occurs among the first lines (up to 1000 lines or 1 MiB), else line."""
+    seen = 0
+    with open_binary(path) as fh:
+        for i, line in enumerate(fh):
+            if i >= _PEEK_LINES or seen > _CHUNK:
+                break
+            seen += len(line)
+            if not line.strip():
+                return "paragraph"
+    return "line"
+
+
+def iter_txt(path: Path, unit: str) -> Iterator[tuple[int, str, str | None]]:
+    """(first line number, document, problem) per paragraph / line / file."""
+    with open_binary(path) as fh:
+        if unit == "file":
+            data = fh.read()
+            try:
+                yield 1, data.decode("utf-8-sig").replace("\r\n", "\n").strip(), None
+            except UnicodeDecodeError as e:
+                yield 1, "", f"is not valid UTF-8 (byte {e.start})"
+            return
+        para: list[str] = []
+        start = 0
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield n, "", "is not valid UTF-8"
+                continue
+            if unit == "line":
+                yield n, line.strip(), None
+            elif line.strip():
+                if not para:
+                    start = n
+                para.append(line)
+            elif para:
+                yield start, "\n".join(para).strip(), None
+                para = []
+        if para:
+            yield start, "\n".join(para).strip(), None

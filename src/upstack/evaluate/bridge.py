@@ -1,0 +1,191 @@
+"""The lm-evaluation-harness bridge: its TaskManager over our generated local tasks (and its own),
+loading tasks with data errors explained, the model through its registry, and the run itself.
+
+lm_eval is imported inside the functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+from upstack.errors import CheckpointError, ConfigError, DataError, UpstackError
+from upstack.evaluate.config import EvalConfig
+from upstack.evaluate.results import convert_results
+from upstack.evaluate.tasks.registry import H6_BY_TASK, LOCAL_TASKS, PRESETS, known_task_names
+from upstack.hub import hub_offline
+from upstack.lm import DEFAULT_MAX_POSITIONS, max_positions, model_config, resolve_device
+
+
+def load_lm(cfg: EvalConfig):
+    from lm_eval.api.registry import get_model
+
+    args: dict[str, Any] = {"pretrained": cfg.model, "dtype": cfg.dtype, "trust_remote_code": False}
+    if cfg.max_length:
+        args["max_length"] = cfg.max_length
+    if cfg.backend == "vllm":
+        if cfg.max_length:
+            args["max_model_len"] = args.pop("max_length")
+        args["seed"] = cfg.seed
+    args.update(cfg.model_args)
+    device = None if cfg.backend == "vllm" else resolve_device(cfg.device)
+    try:
+        return get_model(cfg.backend).create_from_arg_obj(
+            args, {"batch_size": cfg.batch_size, "max_batch_size": 64, "device": device})
+    except UpstackError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load model {cfg.model}: {msg}") from e
+
+
+def task_manager(tmp: Path, names: list[str]):
+    """A TaskManager over our generated local tasks and, as needed, the harness's own tasks.
+
+    Indexing all of lm-eval's ~15k task files takes ~10 s, so for the six leaderboard tasks only
+    their folders are indexed; the full index is built only for other task names.
+    """
+    import lm_eval.tasks as lm_tasks
+    from lm_eval.tasks import TaskManager
+
+    ours = set(LOCAL_TASKS) | set(PRESETS)
+    others = [n for n in names if n not in ours]
+    if not others:
+        return TaskManager(include_path=str(tmp), include_defaults=False)
+    builtin = Path(lm_tasks.__file__).parent
+    h6_dirs = {"arc_challenge": "arc", "hellaswag": "hellaswag", "mmlu": "mmlu/default",
+               "truthfulqa_mc2": "truthfulqa", "winogrande": "winogrande", "gsm8k": "gsm8k"}
+    if all(n in h6_dirs for n in others):
+        paths = sorted({str(builtin / h6_dirs[n]) for n in others}) + [str(tmp)]
+        return TaskManager(include_path=paths, include_defaults=False)
+    tm = TaskManager(include_path=str(tmp))
+    unknown = [n for n in others if n not in tm.all_tasks]
+    if unknown:
+        pool = list(tm.all_tasks) + known_task_names()
+        hints = sorted({m for n in unknown for m in difflib.get_close_matches(n, pool, n=3)})
+        raise ConfigError(
+            f"unknown task(s) {', '.join(unknown)}; known: {', '.join(known_task_names())}"
+            + (f"; did you mean {', '.join(hints)}?" if hints else "")
+            + " (or any lm-evaluation-harness task: `lm-eval ls tasks`)")
+    return tm
+
+
+def load_tasks(tm, names: list[str]):
+    """[top-level Task/Group objects] and {leaf task name: Task} for `names`; data loading errors explained."""
+    top, leaves = [], {}
+    for name in names:
+        try:
+            loaded = tm.load([name])
+        except UpstackError:
+            raise
+        except Exception as e:  # dataset download / cache problems surface as many exception types
+            local = H6_BY_TASK[name].local if name in H6_BY_TASK and name not in LOCAL_TASKS else None
+            alt = (f"; score the local copy instead: --tasks {local} --data-dir DIR (layout in docs/evaluation.md)"
+                   if local else "; local tasks: " + ", ".join(LOCAL_TASKS))
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if hub_offline():
+                raise DataError(f"task {name}: its data are not in the local Hugging Face cache and we are offline "
+                                f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set; {why[:200]}){alt}") from e
+            raise DataError(f"task {name}: cannot load its data ({why[:200]}){alt}") from e
+        if name in loaded["groups"]:
+            top.append(loaded["groups"][name])
+        elif name in loaded["tasks"]:
+            top.append(loaded["tasks"][name])
+        else:  # a tag: its tasks
+            top += list(loaded["tasks"].values())
+        for t in loaded["tasks"].values():
+            leaves[t.task_name] = (name, t)
+    return top, leaves
+
+
+def fewshot_for(top_name: str, leaf_name: str, cfg: EvalConfig, default: int | None) -> int | None:
+    for key in (leaf_name, top_name):
+        if key in cfg.task_fewshot:
+            return cfg.task_fewshot[key]
+    if cfg.num_fewshot is not None:
+        return cfg.num_fewshot
+    if top_name in H6_BY_TASK:
+        return H6_BY_TASK[top_name].num_fewshot
+    return default if default is not None else 0
+
+
+class _DropCustomDatasetNote(logging.Filter):
+    """lm-eval warns, for every task with a `custom_dataset`, how to pass it kwargs (ours are handled), and
+    whenever generation settings come "through cli" (ours: the max_gen_toks budget, chosen on purpose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Custom kwargs can be passed" not in msg and "specified through cli" not in msg
+
+
+class _CountTruncations(logging.Filter):
+    """lm-eval warns once per request whose prompt is truncated; let the first through and count the rest."""
+
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Left truncation applied") or ("exceeds model's maximum length" in msg):
+            self.count += 1
+            return self.count == 1
+        return True
+
+
+NOTE_FILTER = _DropCustomDatasetNote()
+TRUNCATIONS = _CountTruncations()
+
+
+def _silence_lm_eval() -> None:
+    """lm-eval passes `disable=` to tqdm explicitly (so TQDM_DISABLE is ignored) and shells out to git for
+    a commit hash (printing git's complaint outside a repository): turn both off for --quiet."""
+    import logging
+
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface as hf_mod
+    from tqdm import tqdm as _tqdm
+
+    def quiet_tqdm(*args, **kwargs):
+        kwargs["disable"] = True
+        return _tqdm(*args, **kwargs)
+
+    for mod in (hf_mod, lm_eval.evaluator, lm_eval.api.model, lm_eval.api.task):
+        if hasattr(mod, "tqdm"):
+            mod.tqdm = quiet_tqdm
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
+def run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
+    import lm_eval
+
+    if cfg.quiet:
+        _silence_lm_eval()
+
+    gen_kwargs = None
+    if any(t.get_config("output_type") == "generate_until" for t in _leaf_tasks(top)):
+        budget = cfg.max_gen_toks
+        if budget is None:
+            ctx = (cfg.max_length or getattr(lm, "max_length", None) or max_positions(model_config(cfg.model) or {})
+                   or DEFAULT_MAX_POSITIONS)
+            budget = min(256, max(16, ctx // 4))
+        gen_kwargs = {"max_gen_toks": budget}
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=top, num_fewshot=None, limit=cfg.limit, task_manager=tm, gen_kwargs=gen_kwargs,
+        log_samples=False, apply_chat_template=cfg.apply_chat_template, random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    if res is None:  # not the main process under accelerate launch
+        return {"_not_main": True}
+    return convert_results(res, names)
+
+
+def _leaf_tasks(top: list) -> list:
+    from lm_eval.api.group import Group
+
+    out = []
+    for obj in top:
+        out += obj.get_all_tasks() if isinstance(obj, Group) else [obj]
+    return out

@@ -1,0 +1,69 @@
+"""`EvalConfig`, what `upstack eval` runs, and `check_config`, its checks that need no file."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from upstack.data.chat import TEMPLATES as CHAT_TEMPLATES
+from upstack.errors import ConfigError
+from upstack.evaluate.tasks.registry import LOCAL_TASKS, check_local_names, expand_tasks
+
+
+@dataclass
+class EvalConfig:
+    """What `upstack eval` runs. Field names match the CLI flags and the recipe's `evaluate:` section."""
+
+    model: str
+    tasks: list[str] = field(default_factory=list)  # names or comma lists; 'h6' is the leaderboard preset
+    data_dir: str | None = None  # folder laid out like ../shared/data: use the local tasks
+    task_files: dict[str, str] = field(default_factory=dict)  # local task -> file (or MMLU folder) to score
+    fewshot_files: dict[str, str] = field(default_factory=dict)  # local task -> file of few-shot examples
+    num_fewshot: int | None = None  # for every task (default: the leaderboard's count for H6 tasks)
+    task_fewshot: dict[str, int] = field(default_factory=dict)  # per-task few-shot override
+    limit: int | float | None = None  # documents per task (a fraction if < 1)
+    batch_size: int | str = 8  # or "auto"
+    device: str | None = None  # default: cuda if available, else cpu
+    backend: Literal["hf", "vllm"] = "hf"
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra backend arguments (e.g. tensor_parallel_size)
+    dtype: str = "auto"
+    max_length: int | None = None  # context length (default: the model's)
+    max_gen_toks: int | None = None  # generation budget (default: 256, less for short-context models)
+    apply_chat_template: bool = False
+    seed: int = 1234
+    perplexity: list[str] = field(default_factory=list)  # text/JSONL files to score with a sliding window
+    text_field: str = "text"
+    stride: int | None = None
+    preference: list[str] = field(default_factory=list)  # (prompt, chosen, rejected) files: preference accuracy
+    preference_reference: str | None = None  # model whose log-probs give the DPO implicit reward (e.g. the SFT model)
+    preference_group: str | None = None  # row field to break preference metrics down by (e.g. kind)
+    template: str = "auto"  # chat template for --preference: auto | chat | alpaca (as for sft/dpo)
+    output: str | None = None  # results JSON (a markdown table is written next to it, .md)
+    quiet: bool = False  # no progress bars or info logs from lm-eval
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """The values of an eval run: something to do, known task names, option combinations, the template.
+
+    No file is read (a recipe's inputs may come from stages that have not run yet); `evaluate` checks
+    that the folders, files and models exist.
+    """
+    names = expand_tasks(cfg)
+    if not names and not cfg.perplexity and not cfg.preference:
+        raise ConfigError("nothing to do: give --tasks (e.g. h6), --perplexity FILE and/or --preference FILE")
+    for flag, files in (("--task-file", cfg.task_files), ("--fewshot-file", cfg.fewshot_files)):
+        for k in files:
+            if k not in LOCAL_TASKS:
+                raise ConfigError(f"{flag} {k}=...: {k} is not a local task (local tasks: {', '.join(LOCAL_TASKS)})")
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {cfg.limit}")
+    if isinstance(cfg.batch_size, str) and not re.fullmatch(r"auto(:\d+)?|\d+", cfg.batch_size):
+        raise ConfigError(f"--batch-size must be a number or 'auto', got {cfg.batch_size!r}")
+    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
+        raise ConfigError("--num-fewshot must be >= 0")
+    if (cfg.preference_reference or cfg.preference_group) and not cfg.preference:
+        raise ConfigError("--preference-reference and --preference-group need --preference FILE")
+    if cfg.template not in CHAT_TEMPLATES:
+        raise ConfigError(f"--template {cfg.template!r}: not one of {', '.join(CHAT_TEMPLATES)}")
+    check_local_names(names)
