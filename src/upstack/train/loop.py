@@ -298,6 +298,12 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
         raise
     bar.close()
     eval_metrics = _eval_record(run, model, task, steps) if task.n_eval else {}
+    return _summary(progress, steps, eval_metrics)
+
+
+def _summary(progress: _Progress, steps: int, eval_metrics: dict) -> dict:
+    """The loop's part of a stage's summary: final train metrics, eval metrics, speed and memory."""
+    steady_speed = progress.steady_tokens / progress.steady_time if progress.steady_time else None
     return {"steps": steps, "tokens": progress.tokens, **{f"final_{k}": v for k, v in progress.last.items()},
-            **eval_metrics, "tokens_per_s": progress.steady_tokens / progress.steady_time if progress.steady_time
-            else None, "train_seconds": progress.elapsed(), "peak_rss_mb": peak_rss_mb()}
+            **eval_metrics, "tokens_per_s": steady_speed, "train_seconds": progress.elapsed(),
+            "peak_rss_mb": peak_rss_mb()}
