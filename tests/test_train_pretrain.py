@@ -108,7 +108,9 @@ def test_weighted_sources_and_eval_data(model_dir, tmp_path):
 def test_train_layers_new_trains_only_the_added_blocks(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from upstack.train.common import freeze_for_training, prepare_model, start_run
+    from upstack.train.layers import freeze_for_training
+    from upstack.train.model import prepare_model
+    from upstack.train.run import start_run
     from upstack.train.pretrain import pretrain
 
     m = build_tiny_model(tmp_path / "up", "llama", num_hidden_layers=3, vocab_size=256)
@@ -157,7 +159,7 @@ def test_real_text_samples(tmp_path, shared_data):
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
-    from upstack.train.common import lr_at
+    from upstack.train.schedule import lr_at
     from upstack.train.pretrain import PretrainConfig
 
     cfg = PretrainConfig(model="m", data=["x"], out="o", learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)

@@ -22,13 +22,24 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", num_hidden_layers=2, vocab_size=256)
 
 
+# The subprocess registers a step callback that sends its own process SIGINT or SIGKILL right after a
+# given optimizer step, then runs the CLI: a real Ctrl-C, a real crash.
+_SIGNAL_AT_STEP = """
+import os, signal, sys
+from upstack.cli import main
+from upstack.train.loop import STEP_CALLBACKS
+at, how = int(sys.argv[1]), getattr(signal, sys.argv[2])
+STEP_CALLBACKS.append(lambda run, step: os.kill(os.getpid(), how) if step == at else None)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def upstack(*args, signal_at=None):
+    """`upstack ARGS` in a new process; signal_at="STEP:KILL" or "STEP:INT" sends that signal after STEP."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    env.pop("UPSTACK_TEST_SIGNAL_AT_STEP", None)
-    if signal_at:
-        env["UPSTACK_TEST_SIGNAL_AT_STEP"] = signal_at
-    return subprocess.run([sys.executable, "-m", "upstack.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    step, _, how = (signal_at or "0:INT").partition(":")
+    cmd = [sys.executable, "-c", _SIGNAL_AT_STEP, step, {"KILL": "SIGKILL", "INT": "SIGINT"}[how]]
+    return subprocess.run([*cmd, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
 
 
 def cli(*args):

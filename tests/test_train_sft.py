@@ -341,7 +341,8 @@ def test_resume_with_overwrite_continues_or_starts_over(model_dir, tmp_path):
 def test_pad_multiple_defaults_to_64_on_cuda_only():
     from types import SimpleNamespace
 
-    from upstack.train.common import Run, TrainConfig, check_config
+    from upstack.train.config import TrainConfig, check_config
+    from upstack.train.run import Run
     from upstack.errors import ConfigError
 
     def run(device, **kw):

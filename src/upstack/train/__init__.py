@@ -4,7 +4,10 @@
     from upstack.train.sft import SFTConfig, sft
     from upstack.train.dpo import DPOConfig, dpo
 
-common.py holds what they share (run folder, model loading, freezing, the loop); chat.py renders
-conversations with a response mask. Importing these modules does not import torch; the stage
-functions do. (Nothing is re-exported here: a package attribute `sft` would hide the module `sft`.)
+What they share is split by concern: config.py (TrainConfig, check_config), layers.py (--train-layers,
+freezing), run.py (run and work folders, resume), inputs.py (load, encode, hold out), model.py (load,
+optimizer, LM loss), schedule.py (steps, data order, learning rate), loop.py (the loop, held-out loss,
+step callbacks), metrics.py (metrics.jsonl), checkpointing.py (resumable checkpoints, the final
+model). Importing these modules does not import torch; the stage functions do. (Nothing is
+re-exported here: a package attribute `sft` would hide the module `sft`.)
 """

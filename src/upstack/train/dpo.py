@@ -26,17 +26,22 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from upstack.data.chat import TEMPLATES, encode_pairs
+from upstack.data.loading import load_dpo_rows
 from upstack.errors import ConfigError, DataError
-from upstack.data.chat import TEMPLATES, encode_pairs, resolve_template
-from upstack.outputs import atomic_file
 from upstack.lm import (
-    check_model_path, check_same_vocab, check_token_ids, checkpoint_dtype, collate_segments, disable_dropout,
-    forward_scored, load_model, load_tokenizer, pad_token_id, sequence_logps,
+    check_model_path, check_same_vocab, collate_segments, disable_dropout, forward_scored, load_model, pad_token_id,
+    sequence_logps,
 )
-from upstack.train.common import (
-    EpochOrder, Run, Task, TrainConfig, check_config, data_specs, freeze_for_training, master_dtype, prepare_model,
-    save_final, seed_everything, start_run, total_steps, train_loop,
-)
+from upstack.outputs import atomic_file
+from upstack.train.checkpointing import save_final
+from upstack.train.config import TrainConfig, check_config, master_dtype, train_and_eval_specs
+from upstack.train.inputs import load_chat_data
+from upstack.train.layers import freeze_for_training
+from upstack.train.loop import Task, train_loop
+from upstack.train.model import load_training_model, prepare_model
+from upstack.train.run import Run, seed_everything, start_run
+from upstack.train.schedule import EpochOrder, global_batch_size, total_steps
 
 log = logging.getLogger("upstack.train")
 
@@ -125,6 +130,13 @@ def _prepare_reference(run: Run, ref):
     return ref.to(run.accelerator.device)  # no gradients, so no DDP wrapper (and no slot in save_state)
 
 
+def _load_reference(run: Run, ref_path: str):
+    """The reference model, in the policy's master dtype, prepared for scoring."""
+    cfg = run.cfg
+    return _prepare_reference(run, load_model(ref_path, dtype=master_dtype(cfg),
+                                              attn_implementation=cfg.attn_implementation))
+
+
 def score_pairs(run: Run, model, pair_ids: list[int], collate):
     """Reference log-probs [len(pair_ids), 2] (chosen, rejected), shared out over processes; every process
     runs the same number of forward passes (collective under FSDP/ZeRO-3) and all get the full result."""
@@ -160,10 +172,8 @@ def score_pairs(run: Run, model, pair_ids: list[int], collate):
     return result
 
 
-def dpo(cfg: DPOConfig) -> dict:
-    """Run DPO; returns the summary (final loss, rewards, margins, accuracy; eval metrics; out path)."""
-    from upstack.data.loading import load_dpo_rows
-
+def check_dpo_config(cfg: DPOConfig) -> None:
+    """The shared checks, then DPO's own options and the reference model (fail before work)."""
     check_config(cfg)
     problems = []
     if cfg.loss_type not in LOSS_TYPES:
@@ -183,42 +193,30 @@ def dpo(cfg: DPOConfig) -> dict:
     if cfg.ref_model:
         check_model_path(cfg.ref_model, "--ref-model")
         check_same_vocab(cfg.model, cfg.ref_model)
-    specs = data_specs(cfg.data)
-    eval_specs = data_specs(cfg.eval_data, "eval_data")
+
+
+def dpo(cfg: DPOConfig) -> dict:
+    """Run DPO; returns the summary (final loss, rewards, margins, accuracy; eval metrics; out path)."""
+    check_dpo_config(cfg)
+    specs, eval_specs = train_and_eval_specs(cfg)
     with start_run(cfg, "dpo") as run:
         seed_everything(cfg.seed)
-        rows, report = load_dpo_rows(specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
-        run.log(str(report))
-        tokenizer = load_tokenizer(cfg.model)
-        template = resolve_template(tokenizer, cfg.template, cfg.model)
-        enc, pairs, stats = encode_pairs(tokenizer, rows, cfg.max_length, cfg.skip_bad_rows)
-        if stats["truncated"] and run.is_main:
-            log.warning(f"{stats['truncated']} of {2 * len(rows)} sequences were longer than --max-length "
-                        f"{cfg.max_length} and were truncated (longest: {stats['longest']} tokens); "
-                        f"{stats['pairs_dropped']} pairs lost a whole completion and were dropped")
-        if not pairs:
-            raise DataError(f"no preference pairs left: all {len(rows)} lost a completion to --max-length "
-                            f"{cfg.max_length}")
-        eval_pairs: list = []
-        eval_enc = enc
-        if eval_specs:
-            eval_rows, _ = load_dpo_rows(eval_specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
-            eval_enc, eval_pairs, _ = encode_pairs(tokenizer, eval_rows, cfg.max_length, cfg.skip_bad_rows)
-        elif cfg.eval_fraction and len(pairs) > 1:
-            import numpy as np
 
-            perm = np.random.default_rng([cfg.seed, 1]).permutation(len(pairs))
-            n_eval = max(1, round(cfg.eval_fraction * len(pairs)))
-            held = set(int(i) for i in perm[:n_eval])
-            eval_pairs = [pairs[i] for i in sorted(held)]
-            pairs = [p for i, p in enumerate(pairs) if i not in held]
+        def check(rows, pairs, stats):
+            if stats["truncated"] and run.is_main:
+                log.warning(f"{stats['truncated']} of {2 * len(rows)} sequences were longer than --max-length "
+                            f"{cfg.max_length} and were truncated (longest: {stats['longest']} tokens); "
+                            f"{stats['pairs_dropped']} pairs lost a whole completion and were dropped")
+            if not pairs:
+                raise DataError(f"no preference pairs left: all {len(rows)} lost a completion to --max-length "
+                                f"{cfg.max_length}")
 
-        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
-        input_dtype = checkpoint_dtype(cfg.model)
+        data = load_chat_data(run, specs, eval_specs, load_dpo_rows, encode_pairs, check)
+        enc, pairs, eval_enc, eval_pairs, stats = data.enc, data.items, data.eval_enc, data.eval_items, data.stats
+        model, input_dtype = load_training_model(cfg, data.max_token_id())
         disable_dropout(model)
-        check_token_ids(model, max(int(enc.ids.max(initial=0)), int(eval_enc.ids.max(initial=0))))
         layers = freeze_for_training(model, cfg.train_layers, cfg.model)
-        pad_id = pad_token_id(tokenizer)
+        pad_id = pad_token_id(data.tokenizer)
         ref_logps = {"train": None, "eval": None}
 
         def make_collate(encoded, pair_list, split):
@@ -233,11 +231,11 @@ def dpo(cfg: DPOConfig) -> dict:
 
         collate = make_collate(enc, pairs, "train")
         eval_collate = make_collate(eval_enc, eval_pairs, "eval")
-        run.info.update({"template": template, "pairs": len(rows), "train_pairs": len(pairs),
+        run.info.update({"template": data.template, "pairs": len(data.rows), "train_pairs": len(pairs),
                          "eval_pairs": len(eval_pairs), "truncated": stats["truncated"],
                          "pairs_dropped": stats["pairs_dropped"], "loss_type": cfg.loss_type, "beta": cfg.beta,
                          "precompute_ref": cfg.precompute_ref,
-                         "skipped_rows": stats["skipped"] + sum(s.skipped for s in report.sources), **layers})
+                         "skipped_rows": stats["skipped"] + sum(s.skipped for s in data.report.sources), **layers})
 
         model, optimizer = prepare_model(run, model)
         ref_model = None
@@ -248,8 +246,7 @@ def dpo(cfg: DPOConfig) -> dict:
                                               len(eval_pairs)))
             run.info["ref_logps_seconds"] = time.perf_counter() - t0
         else:
-            ref_model = _prepare_reference(run, load_model(ref_path, dtype=master_dtype(cfg),
-                                                           attn_implementation=cfg.attn_implementation))
+            ref_model = _load_reference(run, ref_path)
 
         def loss_fn(m, batch):
             return pair_loss(m, batch, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -261,8 +258,8 @@ def dpo(cfg: DPOConfig) -> dict:
         summary.update({k: run.info[k] for k in ("template", "train_pairs", "eval_pairs", "truncated",
                                                    "pairs_dropped", "skipped_rows", "ref_logps_seconds")
                         if k in run.info})
-        summary["data"] = report.to_dict()
-        return save_final(run, model, tokenizer, summary, input_dtype=input_dtype)
+        summary["data"] = data.report.to_dict()
+        return save_final(run, model, data.tokenizer, summary, input_dtype=input_dtype)
 
 
 def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_train: int, n_eval: int) -> dict:
@@ -282,12 +279,11 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
             run.log(f"reference log-probs from {path}")
             return {"train": cached["train"], "eval": cached.get("eval")}
     steps = total_steps(cfg, n_train, run.world)
-    used = sorted(set(EpochOrder(n_train, cfg.seed).take(0, steps * cfg.batch_size * cfg.grad_accum * run.world)))
+    used = sorted(set(EpochOrder(n_train, cfg.seed).take(0, steps * global_batch_size(cfg, run.world))))
     if run.resume_from is not None and not cfg.ref_model:
         log.warning("the reference log-prob cache is missing; scoring with the starting model")
     own = not cfg.ref_model and run.resume_from is None
-    scorer = model if own else _prepare_reference(
-        run, load_model(ref_path, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation))
+    scorer = model if own else _load_reference(run, ref_path)
     run.log(f"scoring {len(used)} training and {n_eval} eval pairs with the reference model"
             f"{' (the starting policy)' if own else ' ' + ref_path}")
     train = torch.zeros(n_train, 2)

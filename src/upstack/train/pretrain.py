@@ -17,16 +17,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from upstack.data.loading import LoadReport, iter_text_documents
 from upstack.errors import ConfigError, DataError
+from upstack.lm import collate_segments, load_tokenizer, pad_token_id, supports_packed_positions
 from upstack.outputs import atomic_file
-from upstack.lm import (
-    check_token_ids, checkpoint_dtype, collate_segments, load_model, load_tokenizer, pad_token_id,
-    supports_packed_positions,
-)
-from upstack.train.common import (
-    Run, Task, TrainConfig, add_perplexity, check_config, data_specs, freeze_for_training, lm_loss, master_dtype,
-    prepare_model, save_final, seed_everything, start_run, train_loop,
-)
+from upstack.train.checkpointing import save_final
+from upstack.train.config import TrainConfig, check_config, train_and_eval_specs
+from upstack.train.inputs import held_out_split
+from upstack.train.layers import freeze_for_training
+from upstack.train.loop import Task, train_loop
+from upstack.train.metrics import add_perplexity
+from upstack.train.model import lm_loss, load_training_model, prepare_model
+from upstack.train.run import Run, seed_everything, start_run
 
 log = logging.getLogger("upstack.train")
 
@@ -46,8 +48,6 @@ def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: 
     mistaken for a finished one."""
     import numpy as np
     from tqdm import tqdm
-
-    from upstack.data.loading import LoadReport, iter_text_documents
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -128,8 +128,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     import numpy as np
 
     check_config(cfg)
-    specs = data_specs(cfg.data)
-    eval_specs = data_specs(cfg.eval_data, "eval_data")
+    specs, eval_specs = train_and_eval_specs(cfg)
     with start_run(cfg, "pretrain") as run:
         seed_everything(cfg.seed)
         tokenizer = load_tokenizer(cfg.model)
@@ -138,23 +137,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
         n_blocks = meta["tokens"] // L
         if n_blocks == 0:
             raise DataError(f"the training text has {meta['tokens']} tokens, less than one block of --seq-len {L}")
-        blocks = np.arange(n_blocks)
-        eval_tokens, eval_blocks, eval_meta = tokens, np.zeros(0, dtype=np.int64), meta
+        eval_tokens, eval_meta = tokens, meta
         if eval_specs:
+            blocks = np.arange(n_blocks)
             eval_tokens, eval_meta = token_file(run, eval_specs, tokenizer, "eval")
             eval_blocks = np.arange(eval_meta["tokens"] // L)
             if not len(eval_blocks):
                 raise DataError(f"the eval text has {eval_meta['tokens']} tokens, less than one block of {L}")
-        elif cfg.eval_fraction and n_blocks > 1:
-            perm = np.random.default_rng([cfg.seed, 1]).permutation(n_blocks)
-            n_eval = min(n_blocks - 1, max(1, round(cfg.eval_fraction * n_blocks)))
-            eval_blocks, blocks = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
-        elif cfg.eval_fraction and run.is_main:
-            log.warning("eval_fraction: the corpus is a single block; no eval split")
+        else:
+            if cfg.eval_fraction and n_blocks == 1 and run.is_main:
+                log.warning("eval_fraction: the corpus is a single block; no eval split")
+            blocks, eval_blocks = held_out_split(n_blocks, cfg.eval_fraction, cfg.seed, keep_one=True)
 
-        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
-        input_dtype = checkpoint_dtype(cfg.model)
-        check_token_ids(model, max(meta["max_id"], eval_meta["max_id"] if eval_specs else 0))
+        model, input_dtype = load_training_model(cfg, max(meta["max_id"], eval_meta["max_id"]))
         reset = supports_packed_positions(model)
         if not reset and run.is_main:
             log.warning(f"{type(model).__name__} cannot stop attention at position restarts: documents packed "

@@ -13,16 +13,18 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from upstack.data.chat import TEMPLATES, encode_sft_rows
+from upstack.data.loading import load_sft_rows
 from upstack.errors import ConfigError, DataError
-from upstack.data.chat import TEMPLATES, encode_sft_rows, resolve_template
-from upstack.lm import (
-    check_token_ids, checkpoint_dtype, collate_segments, load_model, load_tokenizer, pad_token_id,
-    supports_packed_positions,
-)
-from upstack.train.common import (
-    Task, TrainConfig, add_perplexity, check_config, data_specs, freeze_for_training, lm_loss, master_dtype,
-    prepare_model, save_final, seed_everything, start_run, train_loop,
-)
+from upstack.lm import collate_segments, pad_token_id, supports_packed_positions
+from upstack.train.config import TrainConfig, check_config, train_and_eval_specs
+from upstack.train.inputs import load_chat_data
+from upstack.train.layers import freeze_for_training
+from upstack.train.loop import Task, train_loop
+from upstack.train.checkpointing import save_final
+from upstack.train.metrics import add_perplexity
+from upstack.train.model import lm_loss, load_training_model, prepare_model
+from upstack.train.run import seed_everything, start_run
 
 log = logging.getLogger("upstack.train")
 
@@ -56,57 +58,45 @@ def describe_truncation(stats: dict, max_length: int, what: str = "rows") -> Opt
             "and were dropped")
 
 
+def _encode(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool):
+    enc, keep = encode_sft_rows(tokenizer, rows, max_length, skip_bad_rows)
+    return enc, keep, enc.stats
+
+
 def sft(cfg: SFTConfig) -> dict:
     """Run supervised fine-tuning; returns the summary (final metrics, out path, data counts)."""
     import numpy as np
 
-    from upstack.data.loading import load_sft_rows
-
     check_config(cfg)
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
-    specs = data_specs(cfg.data)
-    eval_specs = data_specs(cfg.eval_data, "eval_data")
+    specs, eval_specs = train_and_eval_specs(cfg)
     with start_run(cfg, "sft") as run:
         seed_everything(cfg.seed)
-        rows, report = load_sft_rows(specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
-        run.log(str(report))
-        tokenizer = load_tokenizer(cfg.model)
-        template = resolve_template(tokenizer, cfg.template, cfg.model)
-        enc, keep = encode_sft_rows(tokenizer, rows, cfg.max_length, cfg.skip_bad_rows)
-        note = describe_truncation(enc.stats, cfg.max_length)
-        if note and run.is_main:
-            log.warning(note)
-        if not keep:
-            raise DataError(f"no training rows left: all {len(rows)} rows lost their response to --max-length "
-                            f"{cfg.max_length} (or had none)")
-        eval_enc, eval_keep = None, []
-        if eval_specs:
-            eval_rows, _ = load_sft_rows(eval_specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
-            eval_enc, eval_keep = encode_sft_rows(tokenizer, eval_rows, cfg.max_length, cfg.skip_bad_rows)
-        elif cfg.eval_fraction:
-            perm = np.random.default_rng([cfg.seed, 1]).permutation(len(keep))
-            n_eval = max(1, round(cfg.eval_fraction * len(keep))) if len(keep) > 1 else 0
-            held = set(int(i) for i in perm[:n_eval])
-            eval_enc, eval_keep = enc, [keep[i] for i in sorted(held)]
-            keep = [k for i, k in enumerate(keep) if i not in held]
 
-        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
-        input_dtype = checkpoint_dtype(cfg.model)
+        def check(rows, keep, stats):
+            note = describe_truncation(stats, cfg.max_length)
+            if note and run.is_main:
+                log.warning(note)
+            if not keep:
+                raise DataError(f"no training rows left: all {len(rows)} rows lost their response to --max-length "
+                                f"{cfg.max_length} (or had none)")
+
+        data = load_chat_data(run, specs, eval_specs, load_sft_rows, _encode, check)
+        enc, keep, eval_enc, eval_keep = data.enc, data.items, data.eval_enc, data.eval_items
+        model, input_dtype = load_training_model(cfg, data.max_token_id())
         supported = supports_packed_positions(model)
         packing = supported if cfg.packing is None else cfg.packing
         if packing and not supported:
             log.warning(f"--packing on {type(model).__name__}: this model cannot stop attention at position "
                         "restarts, so packed examples attend to each other (cross-contamination)")
-        check_token_ids(model, max(int(enc.ids.max(initial=0)),
-                               int(eval_enc.ids.max(initial=0)) if eval_enc is not None else 0))
         layers = freeze_for_training(model, cfg.train_layers, cfg.model)
-        run.info.update({"template": template, "packing": packing, "rows": len(rows),
+        run.info.update({"template": data.template, "packing": packing, "rows": len(data.rows),
                          "train_rows": len(keep), "eval_rows": len(eval_keep),
                          "truncated": enc.stats["truncated"], "dropped_no_response": enc.stats["no_response"],
-                         "skipped_rows": enc.stats["skipped"] + sum(s.skipped for s in report.sources),
+                         "skipped_rows": enc.stats["skipped"] + sum(s.skipped for s in data.report.sources),
                          "template_fallback": enc.stats["template_fallback"], **layers})
-        pad_id = pad_token_id(tokenizer)
+        pad_id = pad_token_id(data.tokenizer)
         reset = packing and supported   # restart positions only where that also stops attention
         if packing:
             order = [keep[int(i)] for i in np.random.default_rng([cfg.seed, 2]).permutation(len(keep))]
@@ -126,6 +116,5 @@ def sft(cfg: SFTConfig) -> dict:
         summary = train_loop(run, model, optimizer, task)
         summary.update({k: run.info[k] for k in ("template", "packing", "train_rows", "eval_rows", "truncated",
                                                    "dropped_no_response", "skipped_rows")})
-        summary["data"] = report.to_dict()
-        return save_final(run, model, tokenizer, summary, input_dtype=input_dtype)
-
+        summary["data"] = data.report.to_dict()
+        return save_final(run, model, data.tokenizer, summary, input_dtype=input_dtype)

@@ -1,0 +1,89 @@
+"""Saving: resumable checkpoints in `<out>.work/checkpoint-<step>/`, and the final model folder `out`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from upstack.checkpoint import TORCH_DTYPE_NAMES, normalize_dtype
+from upstack.config import config_to_dict
+from upstack.lm import read_upstack_json
+from upstack.outputs import atomic_output_dir
+from upstack.train.run import Run, list_checkpoints
+
+
+def save_checkpoint(run: Run, step: int, extra: dict) -> None:
+    """accelerate's save_state (model, optimizer, RNG; sharded under FSDP/ZeRO) + trainer_state.json,
+    into checkpoint-<step>.tmp renamed at the end, so a crash mid-save never leaves a broken latest one."""
+    acc = run.accelerator
+    final = run.work / f"checkpoint-{step}"
+    tmp = run.work / f"checkpoint-{step}.tmp"
+    if run.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if run.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in list_checkpoints(run.work)[:-max(1, run.cfg.save_total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -> dict:
+    """The output folder: a plain HF checkpoint (safetensors, config, generation config, tokenizer)
+    in the input's dtype (or --save-dtype), plus upstack.json carried forward, train_config.json,
+    metrics.jsonl and TensorBoard logs; written atomically, then the work folder is removed.
+    Returns the summary with "out" and "save_dtype" added."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    acc, cfg = run.accelerator, run.cfg
+    save_dtype = TORCH_DTYPE_NAMES[normalize_dtype(cfg.save_dtype)] if cfg.save_dtype else input_dtype
+    summary = {**summary, "out": str(run.out), "save_dtype": save_dtype, "stage": run.stage}
+    acc.wait_for_everyone()
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dict = acc.get_state_dict(model) if sharded else None
+    if run.is_main:
+        run.metrics.write({"type": "summary", **{k: v for k, v in summary.items() if k != "data"}})
+        run.metrics.close()
+        unwrapped = acc.unwrap_model(model)
+        target = getattr(torch, save_dtype)
+        if state_dict is not None:
+            state_dict = {k: v.to(target) for k, v in state_dict.items()}
+        else:
+            unwrapped.to(target)
+        with atomic_output_dir(run.out, overwrite=cfg.overwrite) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+            _write_config_dtype(tmp / "config.json", save_dtype)
+            tokenizer.save_pretrained(tmp)
+            _write_run_records(run, tmp)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(run.work, ignore_errors=True)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _write_config_dtype(conf_path, save_dtype: str) -> None:
+    """config.json names the saved dtype as `dtype` (transformers' current key), not `torch_dtype`."""
+    conf = json.loads(conf_path.read_text())
+    conf["dtype"] = save_dtype
+    conf.pop("torch_dtype", None)
+    conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+
+
+def _write_run_records(run: Run, folder) -> None:
+    """upstack.json carried forward from the input, train_config.json, metrics.jsonl and TensorBoard logs."""
+    cfg = run.cfg
+    meta = read_upstack_json(cfg.model)
+    if meta is not None:
+        (folder / "upstack.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / "train_config.json").write_text(
+        json.dumps({"stage": run.stage, **config_to_dict(cfg)}, indent=2, default=str) + "\n")
+    shutil.copy2(run.work / "metrics.jsonl", folder / "metrics.jsonl")
+    if (run.work / "tensorboard").is_dir():
+        shutil.copytree(run.work / "tensorboard", folder / "tensorboard")

@@ -1,0 +1,66 @@
+"""The model being trained: loaded and checked against the data, prepared for the loop, and the LM loss."""
+
+from __future__ import annotations
+
+from upstack.errors import ConfigError
+from upstack.lm import check_token_ids, checkpoint_dtype, forward_scored, load_model
+from upstack.train.config import TrainConfig, master_dtype
+from upstack.train.run import Run
+
+
+def load_training_model(cfg: TrainConfig, max_token_id: int) -> tuple:
+    """(model in its master dtype, the checkpoint's own dtype name): the model --model names, checked to
+    cover the data's largest token id."""
+    model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
+    input_dtype = checkpoint_dtype(cfg.model)
+    check_token_ids(model, max_token_id)
+    return model, input_dtype
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    """AdamW over the trainable parameters only; no weight decay on vectors (norms, biases)."""
+    import torch
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("train_layers: nothing to train (every parameter is frozen)")
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon)
+
+
+def prepare_model(run: Run, model):
+    """Gradient checkpointing, optimizer over trainable parameters only, accelerate.prepare."""
+    from accelerate.utils import DistributedType
+
+    cfg = run.cfg
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed wants the micro-batch size, which it would otherwise read from a prepared DataLoader.
+        run.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    return model, optimizer
+
+
+def lm_loss(model, batch: dict):
+    """Summed next-token cross-entropy over the batch's label tokens (labels are already shifted)."""
+    import torch.nn.functional as F
+
+    logits, labels = forward_scored(model, batch)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, {}

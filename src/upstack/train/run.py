@@ -1,0 +1,293 @@
+"""One training run: its folders (`<out>.work` beside the output), accelerator, resume decision and teardown.
+
+A run is resumable when its work folder holds a checkpoint and its run.json identity (stage, the
+options that change what is trained, a fingerprint of the model, the process count) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from upstack.config import config_to_dict
+from upstack.errors import CheckpointError, ConfigError, OutputExistsError
+from upstack.lm import check_model_path
+from upstack.outputs import check_output_free
+from upstack.train.config import TrainConfig
+from upstack.train.layers import check_train_layers
+from upstack.train.metrics import MetricsLog
+
+log = logging.getLogger("upstack.train")
+
+# Options that may change between a run and its --resume (they do not change what is trained).
+RESUME_FREE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "logging_steps",
+               "tensorboard", "keep_checkpoints", "eval_steps"}
+# What a failed start leaves that is not worth keeping (no checkpoint, no cache).
+_DISPOSABLE = {"run.json", "metrics.jsonl", "tensorboard"}
+
+
+@dataclass
+class Run:
+    """One training run: its config, accelerator, folders and where it resumes from."""
+
+    cfg: TrainConfig
+    stage: str
+    accelerator: Any
+    out: Path
+    work: Path
+    resume_from: Optional[Path] = None
+    state: dict = field(default_factory=dict)
+    metrics: Optional[MetricsLog] = None
+    info: dict = field(default_factory=dict)       # facts for the summary (data counts, layers, ...)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def pad_multiple(self) -> int:
+        """Batch width multiple: --pad-to-multiple-of, else 64 on CUDA (fewer shapes to select kernels
+        for) and 1 elsewhere (padding is only cost on a CPU)."""
+        if self.cfg.pad_to_multiple_of:
+            return self.cfg.pad_to_multiple_of
+        return 64 if getattr(self.accelerator.device, "type", "cpu") == "cuda" else 1
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            log.info(msg)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        close_run(self, failed=exc_type is not None and not issubclass(exc_type, KeyboardInterrupt))
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume identity
+
+def work_dir_for(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f"{out.name}.work"
+
+
+def _file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(path: str) -> dict:
+    """What identifies a model for --resume: config.json, tokenizer files and weight files (size, first/last MiB)."""
+    p = Path(path)
+    if not p.is_dir():
+        return {"id": path}
+    files = sorted(f for f in p.iterdir() if f.is_file() and (
+        f.suffix == ".safetensors" or f.name in ("config.json", "special_tokens_map.json", "chat_template.jinja")
+        or f.name.startswith("tokenizer")))
+    return {f.name: _file_fingerprint(f) for f in files}
+
+
+def resume_identity(cfg: TrainConfig, stage: str, world_size: int) -> dict:
+    conf = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
+    identity = {"stage": stage, "config": conf, "model": model_fingerprint(cfg.model), "world_size": world_size}
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
+
+
+def identity_diff(old: dict, new: dict) -> str:
+    """What differs between two run identities, for a message ("" when they are the same run)."""
+    diffs = []
+    if old.get("stage") != new.get("stage"):
+        diffs.append(f"stage {old.get('stage')} -> {new.get('stage')}")
+    if old.get("model") != new.get("model"):
+        diffs.append("the model's weights or config.json changed")
+    for k in sorted(set(old.get("config", {})) | set(new.get("config", {}))):
+        a, b = old.get("config", {}).get(k), new.get("config", {}).get(k)
+        if a != b:
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    if old.get("world_size") != new.get("world_size"):
+        diffs.append(f"processes: {old.get('world_size')} -> {new.get('world_size')}")
+    return "; ".join(diffs)
+
+
+def list_checkpoints(work: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete resumable checkpoints in a work folder, oldest first."""
+    found = []
+    if work.is_dir():
+        for d in work.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+            if m and d.is_dir() and (d / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------------
+# Start and end
+
+def _cpu_only_launch() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without an accelerator: tell
+    accelerate to use CPU processes with gloo (it would otherwise fall back to a single process)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has = getattr(torch, "accelerator", None)
+    return not (has.is_available() if has is not None else torch.cuda.is_available())
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown the progress
+    mixed = "bf16" if cfg.dtype == "bf16-mixed" else "no"
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_only_launch())
+
+
+def _check_accumulation(run: Run) -> None:
+    steps = run.accelerator.gradient_accumulation_steps
+    if steps != run.cfg.grad_accum:
+        raise ConfigError(
+            f"the launch config sets gradient accumulation to {steps} but --grad-accum is {run.cfg.grad_accum}: "
+            "remove gradient_accumulation_steps from the accelerate/DeepSpeed config and use --grad-accum")
+
+
+def _read_identity(run_file: Path) -> dict:
+    return json.loads(run_file.read_text())
+
+
+def _clear_for_fresh_start(run: Run, identity: dict) -> None:
+    """Without --resume: refuse an unfinished run unless --overwrite; else clear the work folder, keeping the
+    caches of a failed start of this very run (token files, reference log-probs)."""
+    work, run_file = run.work, run.work / "run.json"
+    same_run = run_file.is_file() and not identity_diff(_read_identity(run_file), identity)
+    if list_checkpoints(work) and not run.cfg.overwrite:
+        raise OutputExistsError(
+            f"{work} holds an unfinished run (pass --resume to continue it, or --overwrite to start over)")
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        if same_run and not list_checkpoints(work):
+            for stale in ("metrics.jsonl", "tensorboard"):
+                p = work / stale
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(work)
+
+
+def _check_resume_identity(run: Run, identity: dict) -> None:
+    """--resume into a work folder of another model or config: refused, or with --overwrite started over."""
+    work = run.work
+    diff = identity_diff(_read_identity(work / "run.json"), identity)
+    if diff and not run.cfg.overwrite:
+        raise CheckpointError(f"cannot --resume from {work}: it belongs to a run of another model or "
+                              f"config ({diff}); use --overwrite to start over")
+    if diff:  # --resume --overwrite: continue when possible, else start over
+        run.log(f"{work} belongs to another run ({diff}); starting over")
+        run.accelerator.wait_for_everyone()
+        if run.is_main:
+            shutil.rmtree(work)
+        run.accelerator.wait_for_everyone()
+
+
+def _find_resume_point(run: Run) -> None:
+    """--resume: the latest checkpoint of the work folder, if any, and its trainer_state.json."""
+    work = run.work
+    if not work.exists():
+        run.log(f"nothing to resume in {work}; starting from the beginning")
+        return
+    ckpts = list_checkpoints(work)
+    if ckpts:
+        run.resume_from = ckpts[-1][1]
+        run.state = json.loads((run.resume_from / "trainer_state.json").read_text())
+        run.log(f"resuming from {run.resume_from} (step {run.state['step']})")
+    else:
+        run.log(f"{work} has no checkpoint yet; starting from the beginning")
+
+
+def _open_work_dir(run: Run, identity: dict) -> None:
+    """Create the work folder with this run's run.json, and open its metrics log."""
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        run.work.mkdir(parents=True, exist_ok=True)
+        (run.work / "run.json").write_text(json.dumps(identity, indent=2, default=str) + "\n")
+    run.accelerator.wait_for_everyone()
+    run.metrics = MetricsLog(run.work, run.is_main, run.cfg.tensorboard,
+                             run.state.get("step") if run.resume_from else None)
+
+
+def start_run(cfg: TrainConfig, stage: str) -> Run:
+    """Check the output and work folders, create the Accelerator, decide fresh start vs resume."""
+    out = Path(cfg.out)
+    check_output_free(out, cfg.overwrite)
+    check_model_path(cfg.model)
+    check_train_layers(cfg.train_layers, cfg.model)
+    run = Run(cfg, stage, _make_accelerator(cfg), out, work_dir_for(out))
+    try:
+        _check_accumulation(run)
+        identity = resume_identity(cfg, stage, run.world)
+        if run.work.exists() and not cfg.resume:
+            _clear_for_fresh_start(run, identity)
+        if cfg.resume and run.work.exists() and (run.work / "run.json").is_file():
+            _check_resume_identity(run, identity)
+        if cfg.resume:
+            _find_resume_point(run)
+        _open_work_dir(run, identity)
+    except BaseException:
+        close_run(run, failed=True)
+        raise
+    return run
+
+
+def close_run(run: Run, failed: bool = False) -> None:
+    """End a run, finished or failed: close the metrics file; drop the work folder of a run that failed
+    before leaving anything worth resuming (a checkpoint or a cache); with several processes, tear the
+    process group down so a launcher's processes exit; with one, reset accelerate's process-wide state so
+    the next stage in this process can choose another precision or accumulation."""
+    if run.metrics is not None:
+        run.metrics.close()
+    if failed and run.is_main and run.work.is_dir() and {p.name for p in run.work.iterdir()} <= _DISPOSABLE:
+        shutil.rmtree(run.work, ignore_errors=True)
+    acc = run.accelerator
+    acc.free_memory()  # drop its references to the model and optimizer (and empty the CUDA cache)
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
