@@ -355,3 +355,13 @@ def test_pad_multiple_defaults_to_64_on_cuda_only():
     assert run("cpu", pad_to_multiple_of=16).pad_multiple == 16
     with pytest.raises(ConfigError, match="pad_to_multiple_of"):
         check_config(TrainConfig(model="m", data=["x"], out="o", pad_to_multiple_of=0))
+
+
+def test_a_large_eval_fraction_keeps_one_training_example(model_dir, tmp_path):
+    """--eval-fraction 0.9 of 2 rows once held out both (and crashed in the epoch order): one must train."""
+    from upstack.train.sft import sft
+
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(2))
+    summary = sft(sft_cfg(model_dir, tmp_path, [str(data)], max_steps=1, batch_size=1, eval_fraction=0.9,
+                          packing=False))
+    assert summary["train_rows"] == 1 and summary["eval_rows"] == 1 and summary["steps"] == 1

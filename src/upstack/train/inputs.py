@@ -69,6 +69,6 @@ def load_chat_data(run: Run, specs: list, eval_specs: list, load_rows: LoadRows,
         eval_rows, _ = load_rows(eval_specs, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
         eval_enc, eval_items, _ = encode(tokenizer, eval_rows, cfg.max_length, cfg.skip_bad_rows)
     else:
-        train_idx, eval_idx = held_out_split(len(items), cfg.eval_fraction, cfg.seed)
+        train_idx, eval_idx = held_out_split(len(items), cfg.eval_fraction, cfg.seed, keep_one=True)
         items, eval_items = [items[i] for i in train_idx], [items[i] for i in eval_idx]
     return ChatData(tokenizer, template, rows, report, enc, items, stats, eval_enc, eval_items)
