@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
+from upstack.upscale import compress_ranges
 
+# The file in each stage folder that records a completed stage (written by the pipeline, read here). It
+# lives here, the lower of the two modules, so that the pipeline imports it without a cycle.
 MARKER = "upstack_stage.json"
 
 
@@ -132,8 +136,6 @@ PLOT_INDEX = ".plots.json"  # {png name: hash of the data plotted}: unchanged cu
 def _plot(run_dir: Path, curves: dict[str, list[dict]]) -> list[str]:
     """PNG curves of the keys `upstack pretrain/sft/dpo` log in metrics.jsonl (train rows; eval rows for
     eval_loss). The report is rewritten after every stage; a plot whose data is unchanged is kept."""
-    import hashlib
-
     panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
               ("rewards/margin", "DPO reward margin (training batches)"),
               ("rewards/accuracy", "DPO reward accuracy (training batches)")]
@@ -227,8 +229,6 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
     for lm in data["layer_maps"]:
         if not lm.get("layer_map"):
             continue
-        from upstack.upscale import compress_ranges
-
         lmap = lm["layer_map"]
         lines += [f"## Layer map of the up-scaled model `{lm['stage']}`", "",
                   f"Stage `{lm['stage']}` ({lm.get('method')}): {lm.get('source_num_hidden_layers')} -> {len(lmap)} layers.",
