@@ -8,6 +8,7 @@ standard HF folder and then trained by the `pretrain` stage's own function with 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -90,7 +91,13 @@ def pretrain_config(cfg: BaseConfig) -> PretrainConfig:
 def check_base_config(cfg: BaseConfig) -> None:
     """Value checks that read no file (the recipe loader runs them before any stage): `train:` as a
     pretraining config, types and values."""
-    check_config(pretrain_config(cfg))
+    pcfg = pretrain_config(cfg)
+    try:
+        check_config(pcfg)
+    except ConfigError as e:  # name each problem's option as it is written: base.train.learning_rate
+        problems = str(e).split("; ")
+        raise ConfigError("; ".join(("base.train." if re.match(r"\w+: ", p) else "base.train: ") + p
+                                    for p in problems)) from None
 
 
 def build_base(cfg: BaseConfig) -> dict:
