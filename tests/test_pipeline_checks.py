@@ -33,7 +33,7 @@ stages:
     return p
 
 
-SFT = f"""\
+SFT = """\
   sft:
     model: ./model
     data: [clean/clean.jsonl]
