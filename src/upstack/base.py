@@ -8,12 +8,18 @@ standard HF folder and then trained by the `pretrain` stage's own function with 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
 from upstack.config import config_from_dict
 from upstack.errors import ConfigError
 from upstack.outputs import check_output_free
+from upstack.train.config import check_config
+from upstack.train.pretrain import PretrainConfig, pretrain
+
+# PretrainConfig options the base stage sets itself; `train:` may not set them.
+TRAIN_SET_BY_BASE = ("model", "out", "overwrite", "resume")
 
 
 @dataclasses.dataclass
@@ -67,15 +73,38 @@ def init_model(cfg: BaseConfig, folder: Path) -> Path:
     return folder
 
 
-def build_base(cfg: BaseConfig) -> dict:
-    from upstack.train.pretrain import PretrainConfig, pretrain
+def _init_folder(cfg: BaseConfig) -> Path:
+    out = Path(cfg.out)
+    return out.parent / f".{out.name}.init"
 
+
+def pretrain_config(cfg: BaseConfig) -> PretrainConfig:
+    """The pretraining run of `train:` (PretrainConfig options, less those the base stage sets), validated."""
+    set_here = [k for k in TRAIN_SET_BY_BASE if k in cfg.train]
+    if set_here:
+        raise ConfigError(f"base.train: {', '.join(set_here)} is set by the base stage; remove it")
+    train_opts = {"data": cfg.data, "seed": cfg.seed, **cfg.train, "model": str(_init_folder(cfg)),
+                  "out": str(Path(cfg.out)), "overwrite": cfg.overwrite, "resume": True}
+    return config_from_dict(PretrainConfig, train_opts, where="base.train")
+
+
+def check_base_config(cfg: BaseConfig) -> None:
+    """Value checks that read no file (the recipe loader runs them before any stage): `train:` as a
+    pretraining config, types and values."""
+    pcfg = pretrain_config(cfg)
+    try:
+        check_config(pcfg)
+    except ConfigError as e:  # name each problem's option as it is written: base.train.learning_rate
+        problems = str(e).split("; ")
+        raise ConfigError("; ".join(("base.train." if re.match(r"\w+: ", p) else "base.train: ") + p
+                                    for p in problems)) from None
+
+
+def build_base(cfg: BaseConfig) -> dict:
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
-    init = out.parent / f".{out.name}.init"
-    train_opts = {"data": cfg.data, "seed": cfg.seed, **cfg.train, "model": str(init), "out": str(out),
-                  "overwrite": cfg.overwrite, "resume": True}
-    pcfg = config_from_dict(PretrainConfig, train_opts, where="base.train")  # validate before any work
+    init = _init_folder(cfg)
+    pcfg = pretrain_config(cfg)  # validate before any work
     if not (init / "config.json").is_file():
         shutil.rmtree(init, ignore_errors=True)
         init_model(cfg, init)

@@ -14,14 +14,17 @@ import os
 import pkgutil
 import sys
 
+import upstack.commands
 from upstack import __version__
 from upstack.errors import UpstackError
 
 
 def _command_modules():
-    import upstack.commands as pkg
-
-    mods = [importlib.import_module(f"upstack.commands.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+    """The modules of `upstack.commands` that register subcommands, in --help order (helper modules such as
+    `output` register nothing and are skipped)."""
+    mods = [importlib.import_module(f"upstack.commands.{m.name}")
+            for m in pkgutil.iter_modules(upstack.commands.__path__)]
+    mods = [m for m in mods if hasattr(m, "register")]
     return sorted(mods, key=lambda m: getattr(m, "ORDER", 100))
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
+from upstack.arch import format_layer_ranges, layer_runs
 
+# The file in each stage folder that records a completed stage (written by the pipeline, read here). It
+# lives here, the lower of the two modules, so that the pipeline imports it without a cycle.
 MARKER = "upstack_stage.json"
 
 
@@ -132,8 +136,6 @@ PLOT_INDEX = ".plots.json"  # {png name: hash of the data plotted}: unchanged cu
 def _plot(run_dir: Path, curves: dict[str, list[dict]]) -> list[str]:
     """PNG curves of the keys `upstack pretrain/sft/dpo` log in metrics.jsonl (train rows; eval rows for
     eval_loss). The report is rewritten after every stage; a plot whose data is unchanged is kept."""
-    import hashlib
-
     panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
               ("rewards/margin", "DPO reward margin (training batches)"),
               ("rewards/accuracy", "DPO reward accuracy (training batches)")]
@@ -173,21 +175,19 @@ def _plot(run_dir: Path, curves: dict[str, list[dict]]) -> list[str]:
     return written
 
 
-def write_report(run_dir: str | Path, recipe=None) -> Path:
-    run_dir = Path(run_dir)
-    order = list(recipe.stages) if recipe is not None else None
-    data = collect(run_dir, order)
-    curves = {name: _read_metrics(run_dir / name) for name in data["stages"]}
-    curves = {k: v for k, v in curves.items() if v}
-    plots = _plot(run_dir, curves) if curves else []
+def _header(run_dir: Path, recipe) -> list[str]:
     lines = [f"# upstack run: {run_dir.name}", ""]
     if recipe is not None:
         lines += [f"Recipe: `{recipe.path}`", ""]
         desc = recipe.raw.get("description")
         if desc:
             lines += [str(desc).strip(), ""]
-    # Scores by model (stage order): a row per metric, a column per model
-    models = data["models"]
+    return lines
+
+
+def _score_sections(models: dict[str, dict], recipe) -> list[str]:
+    """Scores by model (stage order): a row per metric, a column per model; then the recipe's comparisons."""
+    lines = []
     if models:
         lines += ["## Scores by stage", "", *_score_table(models, list(models)), ""]
     for comp in ((recipe.raw.get("report") or {}).get("comparisons", []) if recipe is not None else []):
@@ -198,55 +198,78 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
         if comp.get("note"):
             lines += [str(comp["note"]).strip(), ""]
         lines += [*_score_table(models, cmodels), ""]
-    decon = {k: v for k, v in data["stages"].items() if v["type"] == "decontaminate" and isinstance(v.get("result"), dict)}
-    if decon:
-        lines += ["## Decontamination", "",
-                  "Training rows sharing an n-gram (lowercased words) with a benchmark example are removed before "
-                  "training; the later stages read the kept rows.", "",
-                  "| stage | training file | n-gram | rows | removed | benchmarks: rows removed / examples (too short to match) |",
-                  "|---|---|---:|---:|---:|---|"]
-        for name, v in decon.items():
-            r = v["result"]
-            marks = ", ".join(f"{b}: {st.get('rows_removed', '?')} / {st.get('examples', '?')}"
-                              + (f" ({st['short_examples']})" if st.get("short_examples") else "")
-                              for b, st in (r.get("benchmarks") or {}).items())
-            lines.append(f"| {name} | {Path(str(r.get('data', ''))).name} | {r.get('ngram')} | {r.get('rows')} "
-                         f"| {r.get('removed')} | {marks} |")
-        lines.append("")
-    if data["final_metrics"]:
-        keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margin", "rewards/accuracy", "eval_rewards/margin",
-                "eval_rewards/accuracy", "tokens_per_s", "step"]
-        present = [k for k in keys if any(k in v for v in data["final_metrics"].values())]
-        lines += ["## Training (last logged values)", "", "| stage | " + " | ".join(present) + " |",
-                  "|---|" + "---|" * len(present)]
-        for s, v in data["final_metrics"].items():
-            lines.append(f"| {s} | " + " | ".join(_fmt(v.get(k)) for k in present) + " |")
-        lines.append("")
-    for p in plots:
-        lines += [f"![{p}]({p})", ""]
-    for lm in data["layer_maps"]:
+    return lines
+
+
+def _decontamination_section(stages: dict[str, dict]) -> list[str]:
+    decon = {k: v for k, v in stages.items() if v["type"] == "decontaminate" and isinstance(v.get("result"), dict)}
+    if not decon:
+        return []
+    lines = ["## Decontamination", "",
+             "Training rows sharing an n-gram (lowercased words) with a benchmark example are removed before "
+             "training; the later stages read the kept rows.", "",
+             "| stage | training file | n-gram | rows | removed | benchmarks: rows removed / examples (too short to match) |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, v in decon.items():
+        r = v["result"]
+        marks = ", ".join(f"{b}: {st.get('rows_removed', '?')} / {st.get('examples', '?')}"
+                          + (f" ({st['short_examples']})" if st.get("short_examples") else "")
+                          for b, st in (r.get("benchmarks") or {}).items())
+        lines.append(f"| {name} | {Path(str(r.get('data', ''))).name} | {r.get('ngram')} | {r.get('rows')} "
+                     f"| {r.get('removed')} | {marks} |")
+    return lines + [""]
+
+
+def _training_section(final_metrics: dict[str, dict]) -> list[str]:
+    if not final_metrics:
+        return []
+    keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margin", "rewards/accuracy", "eval_rewards/margin",
+            "eval_rewards/accuracy", "tokens_per_s", "step"]
+    present = [k for k in keys if any(k in v for v in final_metrics.values())]
+    lines = ["## Training (last logged values)", "", "| stage | " + " | ".join(present) + " |",
+             "|---|" + "---|" * len(present)]
+    for s, v in final_metrics.items():
+        lines.append(f"| {s} | " + " | ".join(_fmt(v.get(k)) for k in present) + " |")
+    return lines + [""]
+
+
+def _layer_map_sections(layer_maps: list[dict]) -> list[str]:
+    lines = []
+    for lm in layer_maps:
         if not lm.get("layer_map"):
             continue
-        from upstack.arch import format_layer_ranges as compress_ranges
-
         lmap = lm["layer_map"]
         lines += [f"## Layer map of the up-scaled model `{lm['stage']}`", "",
                   f"Stage `{lm['stage']}` ({lm.get('method')}): {lm.get('source_num_hidden_layers')} -> {len(lmap)} layers.",
                   "", "| output layers | source layers |", "|---|---|"]
-        start = 0
-        for k in range(1, len(lmap) + 1):
-            if k == len(lmap) or lmap[k] != lmap[k - 1] + 1:
-                lines.append(f"| {start}-{k - 1} | {lmap[start]}-{lmap[k - 1]} |")
-                start = k
+        lines += [f"| {a}-{b} | {sa}-{sb} |" for a, b, sa, sb in layer_runs(lmap)]
         if lm.get("new_layers"):
-            lines.append(f"\nZero-initialised blocks: {compress_ranges(lm['new_layers'])}")
+            lines.append(f"\nZero-initialised blocks: {format_layer_ranges(lm['new_layers'])}")
         lines.append("")
-    lines += ["## Timings", "", "| stage | type | seconds | finished |", "|---|---|---|---|"]
+    return lines
+
+
+def _timings_section(stages: dict[str, dict]) -> list[str]:
+    lines = ["## Timings", "", "| stage | type | seconds | finished |", "|---|---|---|---|"]
     total = 0.0
-    for s, v in data["stages"].items():
+    for s, v in stages.items():
         total += v.get("seconds") or 0
         lines.append(f"| {s} | {v['type']} | {_fmt(v.get('seconds'))} | {v.get('finished') or '-'} |")
-    lines += [f"| total | | {total:.1f} | |", ""]
+    return lines + [f"| total | | {total:.1f} | |", ""]
+
+
+def write_report(run_dir: str | Path, recipe=None) -> Path:
+    run_dir = Path(run_dir)
+    order = list(recipe.stages) if recipe is not None else None
+    data = collect(run_dir, order)
+    curves = {name: _read_metrics(run_dir / name) for name in data["stages"]}
+    curves = {k: v for k, v in curves.items() if v}
+    plots = _plot(run_dir, curves) if curves else []
+    lines = [*_header(run_dir, recipe), *_score_sections(data["models"], recipe),
+             *_decontamination_section(data["stages"]), *_training_section(data["final_metrics"])]
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+    lines += [*_layer_map_sections(data["layer_maps"]), *_timings_section(data["stages"])]
     (run_dir / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")

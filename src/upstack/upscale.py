@@ -46,6 +46,22 @@ class UpscaleConfig:
     quiet: bool = False
 
 
+def check_upscale_config(cfg: UpscaleConfig) -> None:
+    """Values only (the source's layer count is checked when the stage runs): the pipeline runs this
+    before any stage."""
+    parse_bytes(cfg.shard_size, "--shard-size")
+    if cfg.dtype:
+        normalize_dtype(cfg.dtype)
+    if cfg.layers:
+        parse_layer_ranges(cfg.layers)
+    elif cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
+    if cfg.m is not None and cfg.m < 0:
+        raise ConfigError(f"--m {cfg.m}: must be >= 0")
+    if cfg.method == "interleave" and not cfg.layers and (cfg.every is None or cfg.every < 1):
+        raise ConfigError(f"--method interleave needs --every K with K >= 1, got {cfg.every}")
+
+
 @dataclasses.dataclass
 class LayerPlan:
     layer_map: list[int]            # source layer index per output layer
@@ -182,6 +198,7 @@ def upscale_model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, l
 
 def upscale(cfg: UpscaleConfig) -> dict:
     """Run `upstack upscale`: plan, validate, then (unless dry_run) stream the new checkpoint."""
+    check_upscale_config(cfg)
     out = Path(cfg.out)
     check_surgery_output(out, cfg.overwrite, cfg.dry_run)
     shard_size = parse_bytes(cfg.shard_size, "--shard-size")

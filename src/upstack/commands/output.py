@@ -1,4 +1,4 @@
-"""Shared printing helpers for commands: JSON output and simple aligned tables."""
+"""Shared printing helpers for commands: JSON output and simple aligned tables (no subcommand here)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,3 @@ def human_bytes(n: int) -> str:
         n /= 1000
     return str(n)
 
-
-ORDER = 1000
-
-
-def register(subparsers, common) -> None:  # helpers only; no subcommand
-    return None

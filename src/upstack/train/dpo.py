@@ -173,7 +173,7 @@ def score_pairs(run: Run, model, pair_ids: list[int], collate):
 
 
 def check_dpo_config(cfg: DPOConfig) -> None:
-    """The shared checks, then DPO's own options and the reference model (fail before work)."""
+    """The shared checks, then DPO's own options (values only: the pipeline runs this before any stage)."""
     check_config(cfg)
     problems = []
     if cfg.loss_type not in LOSS_TYPES:
@@ -190,14 +190,14 @@ def check_dpo_config(cfg: DPOConfig) -> None:
         problems.append(f"template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
     if problems:
         raise ConfigError("; ".join(problems))
-    if cfg.ref_model:
-        check_model_path(cfg.ref_model, "--ref-model")
-        check_same_vocab(cfg.model, cfg.ref_model)
 
 
 def dpo(cfg: DPOConfig) -> dict:
     """Run DPO; returns the summary (final loss, rewards, margins, accuracy; eval metrics; out path)."""
     check_dpo_config(cfg)
+    if cfg.ref_model:
+        check_model_path(cfg.ref_model, "--ref-model")
+        check_same_vocab(cfg.model, cfg.ref_model)
     specs, eval_specs = train_and_eval_specs(cfg)
     with start_run(cfg, "dpo") as run:
         seed_everything(cfg.seed)

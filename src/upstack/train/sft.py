@@ -63,13 +63,18 @@ def _encode(tokenizer, rows: list[dict], max_length: int, skip_bad_rows: bool):
     return enc, keep, enc.stats
 
 
+def check_sft_config(cfg: SFTConfig) -> None:
+    """The shared checks, then SFT's own options (values only: the pipeline runs this before any stage)."""
+    check_config(cfg)
+    if cfg.template not in TEMPLATES:
+        raise ConfigError(f"template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
+
+
 def sft(cfg: SFTConfig) -> dict:
     """Run supervised fine-tuning; returns the summary (final metrics, out path, data counts)."""
     import numpy as np
 
-    check_config(cfg)
-    if cfg.template not in TEMPLATES:
-        raise ConfigError(f"template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
+    check_sft_config(cfg)
     specs, eval_specs = train_and_eval_specs(cfg)
     with start_run(cfg, "sft") as run:
         seed_everything(cfg.seed)

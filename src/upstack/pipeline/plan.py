@@ -1,0 +1,183 @@
+"""The `--dry-run` plan: each stage with its status and a size/memory estimate, no weights read.
+
+Estimates are made by the planner, one small function per stage type, because most of them need the
+estimate of the stage that makes their input (an up-scale of the base stage's model, a DPO of the SFT
+stage's model): they walk the recipe in order, each given the estimates made so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from upstack.arch import get_arch, num_layers, remap_config
+from upstack.base import BaseConfig, model_config_dict
+from upstack.checkpoint import read_config
+from upstack.config import config_from_dict
+from upstack.errors import UpstackError
+from upstack.pipeline.fingerprint import stage_done
+from upstack.pipeline.recipe import Recipe, Stage
+from upstack.pipeline.stages import field_names
+from upstack.upscale import UpscaleConfig, count_parameters_from_config, make_layer_plan, upscale
+
+# Public hyperparameters of models a recipe names by hub id, so that `run --dry-run` can plan offline
+# without the checkpoint (the real run needs the downloaded folder).
+KNOWN_CONFIGS = {
+    "mistralai/Mistral-7B-v0.1": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+        "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "sliding_window": 4096, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
+}
+
+BASE_VOCAB_SIZE = 512            # the base stage's tokenizer does not exist before the run: the demo's size
+TRAIN_BYTES_PER_PARAM = 18       # bf16 weights + fp32 grads + AdamW fp32 moments + fp32 master copy
+INFERENCE_BYTES_PER_PARAM = 2    # bf16 weights
+MODEL_KEYS = ("num_parameters", "config", "num_hidden_layers")  # what a stage inherits from its input model
+
+Estimates = dict[str, dict]      # stage name -> its estimate, for the stages planned so far
+
+
+def _layers(cfg: dict) -> int:
+    return num_layers(cfg, get_arch(cfg, True))
+
+
+def _remapped_config(cfg: dict, opts: dict) -> dict:
+    """The config.json an upscale stage with options `opts` writes from a source with config `cfg`."""
+    arch = get_arch(cfg, True)
+    plan = make_layer_plan(num_layers(cfg, arch), opts.get("method", "dus"), opts.get("m"), opts.get("layers"),
+                           opts.get("every"))
+    return remap_config(cfg, arch, plan.layer_map)[0]
+
+
+@contextlib.contextmanager
+def _config_folder_for(source: str) -> Iterator[Path | None]:
+    """A folder holding the config.json of `source` (a local checkpoint, or a KNOWN_CONFIGS hub id), or None."""
+    p = Path(source).expanduser()
+    if (p / "config.json").is_file():
+        yield p
+    elif source in KNOWN_CONFIGS:
+        with tempfile.TemporaryDirectory(prefix="upstack-known-") as d:
+            (Path(d) / "config.json").write_text(json.dumps(KNOWN_CONFIGS[source]))
+            yield Path(d)
+    else:
+        yield None
+
+
+def _input_estimate(st: Stage, recipe: Recipe, sizes: Estimates, value: Any) -> dict | None:
+    """The estimate of the earlier stage whose folder is `value` (a model option), if any."""
+    dep = next((d for d in st.deps if value and str(recipe.stages[d].folder) == str(value)), None)
+    return sizes.get(dep) if dep else None
+
+
+def _model_input(opts: dict) -> Any:
+    model = opts.get("model") or (opts.get("models") or [None])[0]
+    return model.get("model") if isinstance(model, dict) else model
+
+
+def estimate_base(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """A model of the configured shape, saved in float32."""
+    try:
+        cfg = model_config_dict(config_from_dict(BaseConfig, st.resolved, "base"), vocab_size=BASE_VOCAB_SIZE)
+    except Exception:  # estimate only
+        return {}
+    p = count_parameters_from_config(cfg)
+    return {"config": cfg, "num_parameters": p, "num_hidden_layers": _layers(cfg), "disk_bytes": p * 4}
+
+
+def estimate_upscale(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """From the source stage's estimated config; else from the source folder's config.json (a dry-run upscale)."""
+    opts = st.resolved
+    src = _input_estimate(st, recipe, sizes, opts["source"])
+    if src and "config" in src:
+        new = _remapped_config(src["config"], opts)
+        p = count_parameters_from_config(new)
+        return {"config": new, "num_parameters": p, "num_hidden_layers": _layers(new), "disk_bytes": p * 4}
+    with _config_folder_for(opts["source"]) as cfg_dir:
+        if cfg_dir is None:
+            return {}
+        known = {k: v for k, v in opts.items() if k in field_names(UpscaleConfig)}
+        rep = upscale(UpscaleConfig(**{**known, "source": str(cfg_dir), "dry_run": True}))
+        return {"num_hidden_layers": rep["num_hidden_layers"], "num_parameters": rep["num_parameters"],
+                "disk_bytes": rep["output_bytes"], "config": _remapped_config(read_config(cfg_dir), opts)}
+
+
+def _inherit(st: Stage, recipe: Recipe, sizes: Estimates, keys: tuple[str, ...]) -> dict:
+    src = _input_estimate(st, recipe, sizes, _model_input(st.resolved)) or {}
+    return {k: src[k] for k in keys if k in src}
+
+
+def train_memory_bytes(num_parameters: int, with_reference: bool = False) -> int:
+    """Training state (~18 bytes/param, plus activations); a DPO reference model adds bf16 weights."""
+    return num_parameters * TRAIN_BYTES_PER_PARAM + (num_parameters * 2 if with_reference else 0)
+
+
+def estimate_training(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """pretrain, sft, dpo: the input model's size (saved in its dtype) and the training memory.
+    DPO keeps a frozen reference in bf16 unless reference log-probs are precomputed."""
+    info = _inherit(st, recipe, sizes, MODEL_KEYS + ("disk_bytes",))
+    if "num_parameters" in info:
+        reference = st.type == "dpo" and not st.resolved.get("precompute_ref", True)
+        info["train_memory_bytes"] = train_memory_bytes(info["num_parameters"], reference)
+    return info
+
+
+def estimate_merge(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """The first model's size (saved in its dtype)."""
+    return _inherit(st, recipe, sizes, MODEL_KEYS + ("disk_bytes",))
+
+
+def estimate_inference(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """eval, contamination: bf16 weights (contamination also holds the reference model)."""
+    info = _inherit(st, recipe, sizes, MODEL_KEYS)
+    if "num_parameters" in info:
+        models = 2 if st.type == "contamination" else 1
+        info["inference_memory_bytes"] = info["num_parameters"] * INFERENCE_BYTES_PER_PARAM * models
+    return info
+
+
+def estimate_model_user(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """synth-math: the size of the model it generates with."""
+    return _inherit(st, recipe, sizes, MODEL_KEYS)
+
+
+ESTIMATORS: dict[str, Callable[[Stage, Recipe, Estimates], dict]] = {
+    "base": estimate_base, "upscale": estimate_upscale,
+    "pretrain": estimate_training, "sft": estimate_training, "dpo": estimate_training,
+    "merge": estimate_merge, "eval": estimate_inference, "contamination": estimate_inference,
+    "synth-math": estimate_model_user,
+}
+
+
+def estimate_stage(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """Parameters, disk and memory estimate of a stage for --dry-run (best effort, no weights read)."""
+    estimator = ESTIMATORS.get(st.type)
+    return estimator(st, recipe, sizes) if estimator else {}
+
+
+def plan_recipe(recipe: Recipe) -> list[dict]:
+    """The --dry-run plan: each stage with status, inputs, and size/memory estimates."""
+    sizes: Estimates = {}
+    rows = []
+    will_run: set[str] = set()
+    for st in recipe.stages.values():
+        try:
+            est = estimate_stage(st, recipe, sizes)
+        except UpstackError as e:
+            est = {"note": str(e)}
+        sizes[st.name] = est
+        # a stage after one that will run gets new inputs, so it runs too
+        done = not (set(st.deps) & will_run) and stage_done(st, recipe)
+        if not done:
+            will_run.add(st.name)
+        rows.append({
+            "stage": st.name, "type": st.type, "deps": st.deps, "folder": str(st.folder),
+            "done": done,
+            **{k: v for k, v in est.items() if k != "config"},
+        })
+    return rows

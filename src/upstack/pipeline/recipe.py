@@ -1,0 +1,346 @@
+"""Loading a recipe: YAML -> profile overlay -> stages in dependency order, each with its resolved options.
+
+Everything that can be checked before a stage runs is checked here and reported together, each problem
+with its line in the recipe: unknown keys, unknown stage types, wrong types, missing inputs, cycles, and
+each stage's own value checks (`StageType.check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from upstack.config import config_errors, config_from_dict
+from upstack.errors import ConfigError, UpstackError
+from upstack.pipeline.stages import STAGE_TYPES, field_names, load_ref
+
+BUILTIN_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TOP_LEVEL_KEYS = {"name", "description", "stages", "evaluate", "report", "profiles", "launch"}
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    type: str
+    options: dict                        # as written in the recipe
+    line: int | None
+    deps: list[str] = dataclasses.field(default_factory=list)
+    resolved: dict = dataclasses.field(default_factory=dict)  # options with references resolved + outputs
+    folder: Path | None = None
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    path: Path
+    run_dir: Path
+    stages: dict[str, Stage]             # in execution (topological) order
+    raw: dict
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML and line numbers
+# --------------------------------------------------------------------------------------------------
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map key paths ('stages', 'upscale', 'm') to 1-based line numbers, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    try:
+        return text, yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _type_error_line(err: str, sname: str, default: int | None, lines: dict) -> int | None:
+    """The line of the option a `config_errors` message names ("stage 'up'.m: ..."), else the stage's."""
+    head = err.split(":")[0]
+    key = head.split(".")[-1] if "." in head else None
+    return lines.get(("stages", sname, key), default) if key else default
+
+
+def _problem_line(problem: str, st: Stage, lines: dict) -> int | None:
+    """The line of the option a check's message names: by its leading path ('learning_rate: ...',
+    'base.train.max_steps: ...', 'models[1] (x): ...'), else an option named as a word in it, else the stage's."""
+    own = ("stages", st.name)
+    head = problem.split(": ", 1)[0] if ": " in problem else ""
+    keys = [int(k) if k.isdigit() else k for k in re.split(r"[.\[\] ]+", head) if k]
+    for i in range(len(keys)):
+        for j in range(len(keys), i, -1):
+            if own + tuple(keys[i:j]) in lines:
+                return lines[own + tuple(keys[i:j])]
+    for key in st.options:
+        if own + (key,) in lines and re.search(rf"\b{re.escape(key)}\b", problem):
+            return lines[own + (key,)]
+    return st.line
+
+
+# --------------------------------------------------------------------------------------------------
+# References between stages
+# --------------------------------------------------------------------------------------------------
+
+def _split_named(value: str) -> tuple[str, str]:
+    """'NAME=PATH' (benchmark options) -> ('NAME=', 'PATH'); anything else -> ('', value)."""
+    name, sep, rest = value.partition("=")
+    if sep and name and "/" not in name and rest:
+        return name + sep, rest
+    return "", value
+
+
+def _refs(value: Any, names: set[str]) -> set[str]:
+    if isinstance(value, str):
+        value = _split_named(value)[1]
+        head = value.split("/", 1)[0]
+        return {head} if head in names and (value == head or "/" in value) else set()
+    if isinstance(value, list):
+        return set().union(*(_refs(v, names) for v in value)) if value else set()
+    if isinstance(value, dict):
+        return set().union(*(_refs(v, names) for v in value.values())) if value else set()
+    return set()
+
+
+def _resolve(value: Any, folders: dict[str, Path]) -> Any:
+    if isinstance(value, str):
+        label, path = _split_named(value)
+        head, _, rest = path.partition("/")
+        if head in folders:
+            return label + (str(folders[head] / rest) if rest else str(folders[head]))
+        return value
+    if isinstance(value, list):
+        return [_resolve(v, folders) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, folders) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe structure
+# --------------------------------------------------------------------------------------------------
+
+def _expand_evaluate(raw: dict, stages: dict, errors: list[str], lines: dict) -> None:
+    """`evaluate:` (a block or a list of blocks) -> one eval stage per model: <block name>_<model>."""
+    blocks = raw.get("evaluate")
+    if blocks is None:
+        return
+    blocks = blocks if isinstance(blocks, list) else [blocks]
+    for k, ev in enumerate(blocks):
+        line = lines.get(("evaluate", k) if isinstance(raw.get("evaluate"), list) else ("evaluate",), "?")
+        if not isinstance(ev, dict) or not isinstance(ev.get("models"), list):
+            errors.append(f"line {line}: evaluate: each block needs a 'models' list and eval options")
+            continue
+        prefix = ev.get("name", "eval")
+        opts = {key: v for key, v in ev.items() if key not in ("models", "name")}
+        for model in ev["models"]:
+            name = f"{prefix}_{model}"
+            if name in stages:
+                errors.append(f"line {line}: evaluate: stage {name!r} is defined twice")
+                continue
+            stages[name] = {"type": "eval", "model": model, **opts, "_line": line}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_profile(raw: dict, profile: str | None, path: Path) -> dict:
+    """The recipe with `profiles: {NAME: {stages: {...}, evaluate: ...}}` overlaid (as is without a profile)."""
+    if profile is None:
+        return raw
+    profiles = raw.get("profiles") or {}
+    if profile not in profiles:
+        raise ConfigError(f"{path}: no profile {profile!r} (profiles: {', '.join(profiles) or 'none'})")
+    return _deep_merge(raw, profiles[profile])
+
+
+def _parse_stages(stages_raw: dict, lines: dict, errors: list[str]) -> dict[str, Stage]:
+    """Stage name -> Stage with its type, written options and dependencies (no resolution yet)."""
+    names = set(stages_raw)
+    stages: dict[str, Stage] = {}
+    for sname, opts in stages_raw.items():
+        line = lines.get(("stages", sname))
+        if isinstance(opts, dict) and "_line" in opts:
+            line = opts.pop("_line")
+        if not isinstance(opts, dict):
+            errors.append(f"line {line}: stage {sname!r}: options must be a mapping")
+            continue
+        stype = opts.get("type", sname)
+        if stype not in STAGE_TYPES:
+            errors.append(f"line {line}: stage {sname!r}: unknown type {stype!r} "
+                          f"(known: {', '.join(sorted(STAGE_TYPES))}; set 'type:' when the name is not a type)")
+            continue
+        if "/" in sname or sname.startswith("."):
+            errors.append(f"line {line}: stage name {sname!r} may not contain '/' or start with '.'")
+        options = {k: v for k, v in opts.items() if k != "type"}
+        deps = sorted(_refs(options, names - {sname}))
+        if sname in _refs(options, {sname}):
+            errors.append(f"line {line}: stage {sname!r} refers to its own output")
+        stages[sname] = Stage(sname, stype, options, line, deps)
+    return stages
+
+
+def _toposort(stages: dict[str, Stage], errors: list[str]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(n: str, chain: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cyc = chain[chain.index(n):] + [n]
+            msg = f"line {stages[n].line}: stages form a cycle: {' -> '.join(cyc)}"
+            if msg not in errors:
+                errors.append(msg)
+            return
+        state[n] = 1
+        for d in stages[n].deps:
+            if d in stages:
+                visit(d, chain + [n])
+        state[n] = 2
+        order.append(n)
+
+    for n in stages:  # written order, dependencies first
+        visit(n, [])
+    return order
+
+
+# --------------------------------------------------------------------------------------------------
+# One stage's options: resolve, type-check, value-check, inputs
+# --------------------------------------------------------------------------------------------------
+
+def _prepare_stage(st: Stage, folders: dict[str, Path], stages: dict[str, Stage], lines: dict,
+                   errors: list[str]) -> None:
+    """Fill `st.folder` and `st.resolved` (references -> folders, output and pipeline options); add problems."""
+    st.folder = folders[st.name]
+    stype = STAGE_TYPES[st.type]
+    resolved = _resolve(st.options, {k: v for k, v in folders.items() if k in st.deps})
+    out_value = str(st.folder / stype.output_file) if stype.output_file else str(st.folder)
+    for key in [stype.output_field, *stype.pipeline_fields]:
+        if key in st.options:
+            errors.append(f"line {lines.get(('stages', st.name, key), st.line)}: stage {st.name!r}: option "
+                          f"{key!r} is set by the pipeline; remove it")
+    resolved[stype.output_field] = out_value
+    try:
+        cls = load_ref(stype.config)
+    except ImportError as e:
+        errors.append(f"line {st.line}: stage {st.name!r}: stage type {st.type!r} is unavailable ({e})")
+        return
+    resolved.update({k: v for k, v in stype.pipeline_fields.items() if k in field_names(cls)})
+    type_errors = config_errors(cls, resolved, where=f"stage {st.name!r}")
+    for err in type_errors:
+        errors.append(f"line {_type_error_line(err, st.name, st.line, lines)}: {err}")
+    if not type_errors:
+        errors.extend(_value_errors(st, cls, resolved, lines))
+    for err in _input_errors(st, stages):
+        errors.append(f"line {st.line}: stage {st.name!r}: {err}")
+    st.resolved = resolved
+
+
+def _value_errors(st: Stage, cls: type, resolved: dict, lines: dict) -> list[str]:
+    """The stage type's own check of its values (no files), each problem with the line of its option."""
+    check = STAGE_TYPES[st.type].check
+    if check is None:
+        return []
+    cfg = config_from_dict(cls, resolved, where=f"stage {st.name!r}")
+    try:
+        load_ref(check)(cfg)
+    except UpstackError as e:
+        return [f"line {_problem_line(p, st, lines)}: stage {st.name!r}: {p}" for p in str(e).split("; ")]
+    return []
+
+
+def _input_errors(st: Stage, stages: dict) -> list[str]:
+    """Model inputs that are local paths must exist (or be produced by a stage)."""
+    errors = []
+    for key in ("model", "source", "reference", "base", "models"):
+        value = st.options.get(key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, dict):
+                v = v.get("model")
+            if not isinstance(v, str) or v.split("/", 1)[0] in stages:
+                continue
+            looks_local = v.startswith((".", "/", "~")) or os.path.exists(v)
+            if looks_local and not Path(v).expanduser().exists():
+                errors.append(f"input {key}={v!r} does not exist and no stage makes it")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+def builtin_recipe_path(path: str | Path) -> Path:
+    """`path` itself when it exists; else, for `NAME`, `NAME.yaml` or `recipes/NAME.yaml`, the recipe of that
+    name shipped in the package (so `upstack run recipes/tiny-solar.yaml` works from any folder)."""
+    path = Path(path)
+    if path.exists() or len(path.parts) > 2 or (len(path.parts) == 2 and path.parts[0] != "recipes"):
+        return path
+    builtin = BUILTIN_RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return builtin if builtin.is_file() else path
+
+
+def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: str | None = None) -> Recipe:
+    """Parse and validate a whole recipe; raise one ConfigError listing every problem with its line.
+
+    `profile` applies the recipe's `profiles: {NAME: {stages: {...}, evaluate: {...}}}` overlay first.
+    Every stage's config is built and value-checked here, so a bad value in the last stage fails before
+    the first stage runs.
+    """
+    path = builtin_recipe_path(path)
+    text, raw = _read_yaml(path)
+    lines = _yaml_lines(text)
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
+    for key in sorted(set(raw) - TOP_LEVEL_KEYS):
+        errors.append(f"line {lines.get((key,), '?')}: unknown top-level key {key!r} "
+                      f"(known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    raw = _apply_profile(raw, profile, path)
+    name = raw.get("name") or path.stem
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise ConfigError(f"{path}: 'stages' must be a non-empty mapping of stage name -> options")
+    stages_raw = dict(stages_raw)
+    _expand_evaluate(raw, stages_raw, errors, lines)
+    stages = _parse_stages(stages_raw, lines, errors)
+    order = _toposort(stages, errors)
+    run_dir = Path(run_dir) if run_dir else Path("runs") / name
+    folders = {s: run_dir / s for s in stages}
+    for sname in order:
+        _prepare_stage(stages[sname], folders, stages, lines, errors)
+    if errors:
+        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return Recipe(name, path, run_dir, {s: stages[s] for s in order}, raw)

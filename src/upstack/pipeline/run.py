@@ -1,0 +1,133 @@
+"""Running a loaded recipe: every stage not already done, in order, each writing its marker; then the report."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import time
+
+from upstack.config import config_from_dict, config_to_dict
+from upstack.errors import ConfigError, UpstackError
+from upstack.outputs import write_text_atomic
+from upstack.pipeline.fingerprint import stage_done, stage_fingerprint
+from upstack.pipeline.plan import estimate_stage
+from upstack.pipeline.recipe import Recipe, Stage
+from upstack.pipeline.stages import DISTRIBUTED_STAGES, STAGE_TYPES, field_names, load_ref
+from upstack.report import MARKER, write_report
+
+
+def _check_disk(st: Stage, need_bytes: int | None) -> None:
+    if not need_bytes:
+        return
+    parent = st.folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes * 1.1:
+        raise UpstackError(f"stage {st.name!r}: needs about {need_bytes / 1e9:.2f} GB in {parent}, "
+                           f"only {free / 1e9:.2f} GB free")
+
+
+def _process_state():
+    """accelerate's process state when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _forced_stages(recipe: Recipe, from_stage: str | None, only: str | None) -> set[str]:
+    """The stages --from/--only re-run even when done (checks the names, and --only's inputs)."""
+    names = list(recipe.stages)
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in recipe.stages:
+            raise ConfigError(f"{flag} {value!r}: no such stage (stages: {', '.join(names)})")
+    force: set[str] = set()
+    if from_stage:
+        force = set(names[names.index(from_stage):])
+    if only:
+        force = {only}
+        for dep in recipe.stages[only].deps:
+            if not (recipe.stages[dep].folder / MARKER).is_file():
+                raise UpstackError(f"--only {only}: its input stage {dep!r} has not completed; run it first")
+    return force
+
+
+def _disk_estimate(st: Stage, recipe: Recipe, sizes: dict[str, dict]) -> dict:
+    try:
+        return estimate_stage(st, recipe, sizes) if STAGE_TYPES[st.type].checkpoint else {}
+    except Exception:  # an estimate is best effort; the stage itself validates its inputs
+        return {}
+
+
+def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
+               quiet: bool = False, report: bool = True, log=print) -> dict:
+    """Run every stage not already done (same resolved config and inputs); write report.md after each.
+
+    Under `accelerate launch` (WORLD_SIZE > 1) every process runs this loop: training and eval stages
+    run on all processes, the others on the main process only, with a barrier after each stage; only
+    the main process writes markers and reports (the run folder must be on a shared file system).
+    """
+    state = _process_state()
+    main = state is None or state.is_main_process
+    force = _forced_stages(recipe, from_stage, only)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
+    summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
+    sizes: dict[str, dict] = {}
+    for st in recipe.stages.values():
+        sizes[st.name] = _disk_estimate(st, recipe, sizes)
+        if only and st.name != only:
+            continue
+        if st.name not in force and stage_done(st, recipe):
+            log(f"[{st.name}] up to date, skipped")
+            summary["stages"][st.name] = "skipped"
+            continue
+        log(f"[{st.name}] running {st.type} -> {st.folder}")
+        if state is None:
+            _check_disk(st, sizes[st.name].get("disk_bytes"))
+            _run_stage(st, recipe, quiet)
+        else:
+            if main:
+                _check_disk(st, sizes[st.name].get("disk_bytes"))
+            if main or st.type in DISTRIBUTED_STAGES:
+                _run_stage(st, recipe, quiet, write_marker=main)
+            state.wait_for_everyone()
+        summary["stages"][st.name] = "ran"
+        if report and main:
+            write_report(recipe.run_dir, recipe)
+    if report and main and "ran" not in summary["stages"].values():
+        write_report(recipe.run_dir, recipe)  # nothing ran: the report still reflects this version's format
+    return summary
+
+
+def _run_stage(st: Stage, recipe: Recipe, quiet: bool, write_marker: bool = True) -> None:
+    stype = STAGE_TYPES[st.type]
+    cls = load_ref(stype.config)
+    fn = load_ref(stype.target)
+    resolved = dict(st.resolved)
+    if "quiet" in field_names(cls) and quiet:
+        resolved["quiet"] = True
+    cfg = config_from_dict(cls, resolved, where=f"stage {st.name!r}")
+    marker = st.folder / MARKER
+    if write_marker and marker.exists():
+        marker.unlink()
+    if stype.output_file:
+        st.folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = stage_fingerprint(st, recipe)
+    started = time.time()
+    result = fn(cfg)
+    seconds = time.time() - started
+    if not write_marker:
+        return
+    st.folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "stage": st.name, "type": st.type, "fingerprint": fingerprint, "config": config_to_dict(cfg),
+        "deps": st.deps, "seconds": round(seconds, 2),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "result": result if isinstance(result, (dict, list)) else None,
+    }
+    write_text_atomic(marker, json.dumps(record, indent=2, default=str) + "\n")
