@@ -157,13 +157,16 @@ def load_tokenizer(path: str, what: str = "model"):
 
 
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str | None = None,
-               what: str = "model"):
-    """AutoModelForCausalLM from a checked path, without remote code; on `device` when given."""
+               quantization_config: Any = None, what: str = "model"):
+    """AutoModelForCausalLM from a checked path, without remote code; on `device` when given;
+    quantized on load with a transformers quantization config (QLoRA's 4-bit NF4)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
@@ -321,6 +324,8 @@ def forward_logits(model, batch: dict, logits_from: int = 0):
 
 def _takes_logits_to_keep(model) -> bool:
     inner = getattr(model, "module", model)  # DDP and friends wrap the model
+    if hasattr(inner, "get_base_model") and hasattr(inner, "peft_config"):
+        inner = inner.get_base_model()  # PEFT passes keyword arguments through to the base model
     try:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):

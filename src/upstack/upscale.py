@@ -57,7 +57,7 @@ def check_upscale_config(cfg: UpscaleConfig) -> None:
     elif cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
     if cfg.m is not None and cfg.m < 0:
-        raise ConfigError(f"--m {cfg.m}: must be >= 0")
+        raise ConfigError(f"--m {cfg.m} is out of range (need m >= 0)")
     if cfg.method == "interleave" and not cfg.layers and (cfg.every is None or cfg.every < 1):
         raise ConfigError(f"--method interleave needs --every K with K >= 1, got {cfg.every}")
 

@@ -24,7 +24,7 @@ from upstack.checkpoint.tokenizer_files import check_same_tokenizer_files, token
 from upstack.checkpoint.verify import inspect_checkpoint, meta_model, verify_checkpoint
 from upstack.checkpoint.writer import (
     AUX_FILE_PATTERNS, TensorPlan, assign_shards, cast_plan, copy_aux_files, source_plan, validate_plan,
-    write_checkpoint,
+    write_checkpoint, write_shards,
 )
 
 __all__ = [
@@ -34,5 +34,5 @@ __all__ = [
     "cast_plan", "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",
     "normalize_dtype", "open_checkpoint", "read_config", "read_index", "read_safetensors_header",
     "read_tensor_bytes", "resolve_model_dir", "set_config_dtype", "source_plan", "tensor_to_bytes", "token_table",
-    "validate_plan", "verify_checkpoint", "write_checkpoint", "write_surgery_output",
+    "validate_plan", "verify_checkpoint", "write_checkpoint", "write_shards", "write_surgery_output",
 ]

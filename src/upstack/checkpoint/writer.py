@@ -227,6 +227,39 @@ def copy_aux_files(src: Path | None, dst: Path, skip: Iterable[str] = ()) -> lis
     return copied
 
 
+def write_shards(plans: list[TensorPlan], folder: Path, *, shard_size: int = 5 * 10**9,
+                 metadata: dict[str, str] | None = None, progress: bool = True, label: str | None = None) -> None:
+    """Stream `plans` into safetensors shards (and the index when more than one) inside an existing
+    folder that the caller renames into place when everything else is written."""
+    validate_plan(plans)
+    shards = assign_shards(plans, shard_size)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(p.nbytes for p in plans)
+    meta = {"format": "pt", **(metadata or {})}
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {label or folder.name}", disable=not progress,
+               leave=False)
+    src_fds: dict[Path, int] = {}
+    try:
+        for shard_name, shard in zip(names, shards):
+            _write_shard(folder / shard_name, shard, meta, src_fds, bar)
+        if n > 1:
+            weight_map = {p.name: shard_name for shard_name, shard in zip(names, shards) for p in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"disk full while writing {label or folder} (nothing was left behind; "
+                                  f"{total / 1e9:.2f} GB of tensors needed)") from None
+        raise
+    finally:
+        bar.close()
+        for fd in src_fds.values():
+            os.close(fd)
+
+
 def write_checkpoint(
     plans: list[TensorPlan],
     out: str | Path,
@@ -248,39 +281,14 @@ def write_checkpoint(
     """
     validate_plan(plans)
     out = Path(out)
-    shards = assign_shards(plans, shard_size)
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    total = sum(p.nbytes for p in plans)
-    meta = {"format": "pt", **(metadata or {})}
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress,
-               leave=False)
-    src_fds: dict[Path, int] = {}
-    try:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            for shard_name, shard in zip(names, shards):
-                _write_shard(tmp / shard_name, shard, meta, src_fds, bar)
-            weight_map = {p.name: shard_name for shard_name, shard in zip(names, shards) for p in shard}
-            if n > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            copy_aux_files(Path(aux_from) if aux_from else None, tmp, skip=set(extra_files or {}))
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            for fname, text in (extra_files or {}).items():
-                (tmp / fname).write_text(text)
-            if model_card is not None:
-                (tmp / "README.md").write_text(model_card)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing {out} (nothing was left behind; "
-                                  f"{total / 1e9:.2f} GB of tensors needed)") from None
-        raise
-    finally:
-        bar.close()
-        for fd in src_fds.values():
-            os.close(fd)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_shards(plans, tmp, shard_size=shard_size, metadata=metadata, progress=progress, label=str(out))
+        copy_aux_files(Path(aux_from) if aux_from else None, tmp, skip=set(extra_files or {}))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card)
     return out
 
 

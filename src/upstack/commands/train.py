@@ -74,6 +74,23 @@ def _add_common(p: argparse.ArgumentParser, name: str) -> None:
                    "(default: 64 on CUDA, where each new width costs kernel selection; 1 on CPU)")
     p.add_argument("--train-layers", help="all (default), new (blocks added by upscale --method interleave), "
                    "or indices and ranges such as 0-3,8")
+    g = p.add_argument_group("LoRA / QLoRA (PEFT adapters; the output is the merged model plus OUT/adapter/)")
+    g.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters instead of the full model")
+    g.add_argument("--qlora", action="store_true", default=None,
+                   help="--lora on a base loaded in 4-bit NF4 with double quantization (bitsandbytes); needs "
+                        "--dtype bf16 or bf16-mixed; the merge goes into the unquantized base")
+    g.add_argument("--lora-r", type=int, help="adapter rank (default 16)")
+    g.add_argument("--lora-alpha", type=float, help="scale numerator (default 2 x r)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0.05)")
+    g.add_argument("--lora-targets", help="all-linear (default: every linear module but the head) or module names, "
+                                          "e.g. q_proj,v_proj; with --train-layers only in those layers")
+    g.add_argument("--lora-modules-to-save",
+                   help="modules trained and saved whole, e.g. embed_tokens,lm_head "
+                        "(continued pretraining on new vocabulary)")
+    g.add_argument("--use-rslora", action="store_true", default=None, help="rank-stabilised scale alpha / sqrt(r)")
+    g.add_argument("--use-dora", action="store_true", default=None, help="weight-decomposed LoRA (DoRA)")
+    g.add_argument("--adapter-only", action="store_true", default=None,
+                   help="write only OUT/adapter (merge later with upstack merge-adapter)")
     p.add_argument("--save-steps", type=int, help="resumable checkpoint every N steps (default 500; 0: only on Ctrl-C)")
     p.add_argument("--save-total-limit", type=int, help="resumable checkpoints kept (default 2)")
     p.add_argument("--eval-steps", type=int, help="eval every N steps (default: at the end)")

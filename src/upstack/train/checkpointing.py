@@ -6,10 +6,14 @@ import json
 import os
 import shutil
 
-from upstack.checkpoint import TORCH_DTYPE_NAMES, normalize_dtype
+from upstack.checkpoint import (
+    TORCH_DTYPE_NAMES, copy_aux_files, normalize_dtype, open_adapter, open_checkpoint, plan_adapter_merge,
+    resolve_model_dir, write_shards,
+)
 from upstack.config import config_to_dict
 from upstack.lm import read_upstack_json
 from upstack.outputs import atomic_output_dir
+from upstack.train.lora import ADAPTER_DIR, peft_model_of
 from upstack.train.run import Run, list_checkpoints
 
 
@@ -38,34 +42,76 @@ def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -
     """The output folder: a plain HF checkpoint (safetensors, config, generation config, tokenizer)
     in the input's dtype (or --save-dtype), plus upstack.json carried forward, train_config.json,
     metrics.jsonl and TensorBoard logs; written atomically, then the work folder is removed.
-    Returns the summary with "out" and "save_dtype" added."""
-    import torch
+    With --lora/--qlora: the PEFT adapter in OUT/adapter/, and (unless --adapter-only) the adapter merged
+    into the base checkpoint on disk. Returns the summary with "out" and "save_dtype" added."""
     from accelerate.utils import DistributedType
 
     acc, cfg = run.accelerator, run.cfg
     save_dtype = TORCH_DTYPE_NAMES[normalize_dtype(cfg.save_dtype)] if cfg.save_dtype else input_dtype
     summary = {**summary, "out": str(run.out), "save_dtype": save_dtype, "stage": run.stage}
     acc.wait_for_everyone()
+    peft = peft_model_of(acc.unwrap_model(model))
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     state_dict = acc.get_state_dict(model) if sharded else None
     if run.is_main:
+        if peft is not None:
+            summary["adapter"] = str(run.out / ADAPTER_DIR)
         run.metrics.write({"type": "summary", **{k: v for k, v in summary.items() if k != "data"}})
         run.metrics.close()
-        unwrapped = acc.unwrap_model(model)
-        target = getattr(torch, save_dtype)
-        if state_dict is not None:
-            state_dict = {k: v.to(target) for k, v in state_dict.items()}
-        else:
-            unwrapped.to(target)
         with atomic_output_dir(run.out, overwrite=cfg.overwrite) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
-            _write_config_dtype(tmp / "config.json", save_dtype)
+            if peft is not None:
+                _save_adapter_output(run, peft, tmp, save_dtype, state_dict)
+            else:
+                _save_full_model(acc.unwrap_model(model), tmp, save_dtype, state_dict)
             tokenizer.save_pretrained(tmp)
             _write_run_records(run, tmp)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run.work, ignore_errors=True)
     acc.wait_for_everyone()
     return summary
+
+
+def _save_full_model(unwrapped, folder, save_dtype: str, state_dict) -> None:
+    import torch
+
+    target = getattr(torch, save_dtype)
+    if state_dict is not None:
+        state_dict = {k: v.to(target) for k, v in state_dict.items()}
+    else:
+        unwrapped.to(target)
+    unwrapped.save_pretrained(folder, state_dict=state_dict, max_shard_size="5GB")
+    _write_config_dtype(folder / "config.json", save_dtype)
+
+
+def _save_adapter_output(run: Run, peft, folder, save_dtype: str, state_dict) -> None:
+    """OUT/adapter/ in PEFT's format; then the base checkpoint with the adapter merged in, tensor by tensor
+    (checkpoint's adapter plan and streaming writer), in `save_dtype`: never through a quantized copy."""
+    cfg = run.cfg
+    adapter_dir = folder / ADAPTER_DIR
+    if state_dict is not None:  # gathered from shards: keep the adapter's entries, in PEFT's naming
+        from peft import get_peft_model_state_dict
+
+        state_dict = get_peft_model_state_dict(peft, state_dict=state_dict)
+    peft.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
+    _point_adapter_at_base(adapter_dir, cfg.model)
+    if cfg.adapter_only:
+        return
+    base = open_checkpoint(resolve_model_dir(cfg.model))
+    plans = plan_adapter_merge(base, open_adapter(adapter_dir), cfg.model, normalize_dtype(save_dtype))
+    write_shards(plans, folder, metadata={"upstack_merge": "lora-adapter"}, progress=cfg.progress,
+                 label=str(run.out))
+    copy_aux_files(base.folder, folder)
+    config = dict(base.config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_config_dtype(folder / "config.json", save_dtype)
+
+
+def _point_adapter_at_base(adapter_dir, model: str) -> None:
+    """adapter_config.json names the base it was trained on as given (a folder or a hub id)."""
+    path = adapter_dir / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    conf["base_model_name_or_path"] = model
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
 def _write_config_dtype(conf_path, save_dtype: str) -> None:

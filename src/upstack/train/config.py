@@ -10,6 +10,7 @@ from upstack.config import config_from_dict
 from upstack.data.loading import DataSpec, parse_data_spec
 from upstack.errors import ConfigError, UpstackError
 from upstack.train.layers import parse_train_layers
+from upstack.train.lora import lora_problems
 
 DTYPES = ("fp32", "bf16", "bf16-mixed")
 _DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "f32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -50,6 +51,16 @@ class TrainConfig:
     attn_implementation: Optional[str] = None   # sdpa | eager | flash_attention_2 ...; None: transformers' default
     pad_to_multiple_of: Optional[int] = None    # batch widths rounded up; None: 64 on CUDA, 1 elsewhere
     train_layers: Union[str, list[int]] = "all"  # all | new | "0-3,8" | [0, 1, 2]
+    lora: bool = False                          # train LoRA adapters instead of the full model
+    qlora: bool = False                         # LoRA on a base loaded in 4-bit NF4 (bitsandbytes)
+    lora_r: int = 16
+    lora_alpha: Optional[float] = None          # None: 2 x lora_r
+    lora_dropout: float = 0.05
+    lora_targets: Union[str, list[str]] = "all-linear"  # all-linear, or module names: "q_proj,v_proj"
+    lora_modules_to_save: Union[str, list[str], None] = None  # trained whole, e.g. "embed_tokens,lm_head"
+    use_rslora: bool = False                    # scale alpha / sqrt(r) (rank-stabilised LoRA)
+    use_dora: bool = False                      # weight-decomposed LoRA (magnitude + direction)
+    adapter_only: bool = False                  # write only OUT/adapter (no merged checkpoint)
     save_steps: int = 500                       # resumable checkpoint every N steps (0: only on Ctrl-C)
     save_total_limit: int = 2                   # resumable checkpoints kept
     eval_steps: int = 0                         # eval every N steps (0: at the end only)
@@ -99,6 +110,7 @@ def check_config(cfg: TrainConfig) -> None:
             normalize_dtype(cfg.save_dtype)
         except UpstackError as e:
             problems.append(f"save_dtype: {e}")
+    problems += lora_problems(cfg, _DTYPE_ALIASES.get(str(cfg.dtype).lower()))
     if problems:
         raise ConfigError("; ".join(problems))
     cfg.dtype = _DTYPE_ALIASES[str(cfg.dtype).lower()]

@@ -37,9 +37,9 @@ from upstack.outputs import atomic_file
 from upstack.train.checkpointing import save_final
 from upstack.train.config import TrainConfig, check_config, master_dtype, train_and_eval_specs
 from upstack.train.inputs import load_chat_data
-from upstack.train.layers import freeze_for_training
+from upstack.train.lora import AdapterDisabled, lora_enabled
 from upstack.train.loop import Task, train_loop
-from upstack.train.model import load_training_model, prepare_model
+from upstack.train.model import load_training_model, prepare_model, trainable_model
 from upstack.train.run import Run, seed_everything, start_run
 from upstack.train.schedule import EpochOrder, global_batch_size, total_steps
 
@@ -214,8 +214,8 @@ def dpo(cfg: DPOConfig) -> dict:
         data = load_chat_data(run, specs, eval_specs, load_dpo_rows, encode_pairs, check)
         enc, pairs, eval_enc, eval_pairs, stats = data.enc, data.items, data.eval_enc, data.eval_items, data.stats
         model, input_dtype = load_training_model(cfg, data.max_token_id())
-        disable_dropout(model)
-        layers = freeze_for_training(model, cfg.train_layers, cfg.model)
+        model, layers = trainable_model(model, cfg)
+        disable_dropout(model)  # after the adapters are in place: LoRA's dropout too
         pad_id = pad_token_id(data.tokenizer)
         ref_logps = {"train": None, "eval": None}
 
@@ -245,6 +245,8 @@ def dpo(cfg: DPOConfig) -> dict:
             ref_logps.update(_reference_logps(run, model, ref_path, collate, eval_collate, len(pairs),
                                               len(eval_pairs)))
             run.info["ref_logps_seconds"] = time.perf_counter() - t0
+        elif lora_enabled(cfg) and not cfg.ref_model:
+            ref_model = AdapterDisabled(model)  # the starting model is the policy without its adapter
         else:
             ref_model = _load_reference(run, ref_path)
 
@@ -283,16 +285,22 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
     if run.resume_from is not None and not cfg.ref_model:
         log.warning("the reference log-prob cache is missing; scoring with the starting model")
     own = not cfg.ref_model and run.resume_from is None
-    scorer = model if own else _load_reference(run, ref_path)
-    run.log(f"scoring {len(used)} training and {n_eval} eval pairs with the reference model"
-            f"{' (the starting policy)' if own else ' ' + ref_path}")
+    in_place = not cfg.ref_model and lora_enabled(cfg)  # the policy with its adapter switched off
+    if own:
+        scorer = model
+    elif in_place:
+        scorer = AdapterDisabled(model)
+    else:
+        scorer = _load_reference(run, ref_path)
+    which = " (the starting policy)" if own else " (the policy without its adapter)" if in_place else " " + ref_path
+    run.log(f"scoring {len(used)} training and {n_eval} eval pairs with the reference model{which}")
     train = torch.zeros(n_train, 2)
     if used:
         train[used] = score_pairs(run, scorer, used, collate)
     result = {"train": train}
     if n_eval:
         result["eval"] = score_pairs(run, scorer, list(range(n_eval)), eval_collate)
-    if not own:
+    if not (own or in_place):
         del scorer
         gc.collect()
         if torch.cuda.is_available():

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
-from upstack.errors import ConfigError
+from upstack.errors import CheckpointError, ConfigError
 from upstack.lm import check_token_ids, checkpoint_dtype, forward_scored, load_model
 from upstack.train.config import TrainConfig, master_dtype
+from upstack.train.layers import freeze_for_training
+from upstack.train.lora import apply_lora, lora_enabled, quantization_config
 from upstack.train.run import Run
 
 
 def load_training_model(cfg: TrainConfig, max_token_id: int) -> tuple:
     """(model in its master dtype, the checkpoint's own dtype name): the model --model names, checked to
-    cover the data's largest token id."""
-    model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation)
+    cover the data's largest token id; with --qlora its linear weights are quantized to 4-bit NF4 on load."""
+    try:
+        model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation,
+                           quantization_config=quantization_config(cfg))
+    except CheckpointError as e:
+        if cfg.qlora:
+            raise CheckpointError(f"--qlora: {e} (bitsandbytes could not quantize the model on this device; "
+                                  "--lora trains the same adapters on the full-precision base)") from None
+        raise
     input_dtype = checkpoint_dtype(cfg.model)
     check_token_ids(model, max_token_id)
     return model, input_dtype
+
+
+def trainable_model(model, cfg: TrainConfig) -> tuple:
+    """(the model to train, run info): LoRA adapters on a frozen base with --lora/--qlora (in the layers
+    --train-layers selects), else the base itself with only --train-layers' parameters trainable."""
+    if lora_enabled(cfg):
+        return apply_lora(model, cfg, cfg.model)
+    return model, freeze_for_training(model, cfg.train_layers, cfg.model)
 
 
 def _enable_gradient_checkpointing(model) -> None:

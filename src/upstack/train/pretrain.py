@@ -24,10 +24,9 @@ from upstack.outputs import atomic_file
 from upstack.train.checkpointing import save_final
 from upstack.train.config import TrainConfig, check_config, train_and_eval_specs
 from upstack.train.inputs import held_out_split
-from upstack.train.layers import freeze_for_training
 from upstack.train.loop import Task, train_loop
 from upstack.train.metrics import add_perplexity
-from upstack.train.model import lm_loss, load_training_model, prepare_model
+from upstack.train.model import lm_loss, load_training_model, prepare_model, trainable_model
 from upstack.train.run import Run, seed_everything, start_run
 
 log = logging.getLogger("upstack.train")
@@ -154,7 +153,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if not reset and run.is_main:
             log.warning(f"{type(model).__name__} cannot stop attention at position restarts: documents packed "
                         "into one block attend to each other")
-        layers = freeze_for_training(model, cfg.train_layers, cfg.model)
+        model, layers = trainable_model(model, cfg)
         eos, pad_id = meta["eos"], pad_token_id(tokenizer)
         run.info.update({"documents": meta["documents"], "corpus_tokens": meta["tokens"], "blocks": int(len(blocks)),
                          "eval_blocks": int(len(eval_blocks)), "document_masking": reset,

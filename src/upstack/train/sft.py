@@ -19,11 +19,10 @@ from upstack.errors import ConfigError, DataError
 from upstack.lm import collate_segments, pad_token_id, supports_packed_positions
 from upstack.train.config import TrainConfig, check_config, train_and_eval_specs
 from upstack.train.inputs import load_chat_data
-from upstack.train.layers import freeze_for_training
 from upstack.train.loop import Task, train_loop
 from upstack.train.checkpointing import save_final
 from upstack.train.metrics import add_perplexity
-from upstack.train.model import lm_loss, load_training_model, prepare_model
+from upstack.train.model import lm_loss, load_training_model, prepare_model, trainable_model
 from upstack.train.run import seed_everything, start_run
 
 log = logging.getLogger("upstack.train")
@@ -95,7 +94,7 @@ def sft(cfg: SFTConfig) -> dict:
         if packing and not supported:
             log.warning(f"--packing on {type(model).__name__}: this model cannot stop attention at position "
                         "restarts, so packed examples attend to each other (cross-contamination)")
-        layers = freeze_for_training(model, cfg.train_layers, cfg.model)
+        model, layers = trainable_model(model, cfg)
         run.info.update({"template": data.template, "packing": packing, "rows": len(data.rows),
                          "train_rows": len(keep), "eval_rows": len(eval_keep),
                          "truncated": enc.stats["truncated"], "dropped_no_response": enc.stats["no_response"],
