@@ -45,6 +45,9 @@ class ArchSpec:
     # `head_name`. A model without a stored head, or with tie_word_embeddings, ties the two.
     embed_suffix: str = "embed_tokens.weight"
     head_name: str = "lm_head.weight"
+    # The logits are the head's output as is (no soft-capping or scaling after lm_head), so a loss may apply
+    # the head itself, a chunk of positions at a time (lm.token_nll).
+    logits_are_head_output: bool = True
 
 
 LAYER_TYPES = LayerField("layer_types", "list")
@@ -57,9 +60,10 @@ ARCHS: dict[str, ArchSpec] = {a.model_type: a for a in [
     ArchSpec("qwen2", layer_fields=(LAYER_TYPES, _SLIDING_QWEN)),
     ArchSpec("qwen3", layer_fields=(LAYER_TYPES, _SLIDING_QWEN)),
     ArchSpec("gemma", layer_fields=(LAYER_TYPES,)),
-    ArchSpec("gemma2", layer_fields=(LAYER_TYPES,)),
+    ArchSpec("gemma2", layer_fields=(LAYER_TYPES,), logits_are_head_output=False),  # final_logit_softcapping
     ArchSpec("gemma3_text", layer_fields=(
-        LAYER_TYPES, LayerField("sliding_window_pattern", "period", superseded_by_layer_types=True))),
+        LAYER_TYPES, LayerField("sliding_window_pattern", "period", superseded_by_layer_types=True)),
+             logits_are_head_output=False),
     ArchSpec("phi3", layer_fields=(LAYER_TYPES,)),
     ArchSpec("olmo2", layer_fields=(LAYER_TYPES,)),
     ArchSpec("smollm3", layer_fields=(LAYER_TYPES, LayerField("no_rope_layers", "list"))),
@@ -71,7 +75,7 @@ ARCHS: dict[str, ArchSpec] = {a.model_type: a for a in [
         LAYER_TYPES, _SLIDING_QWEN, LayerField("mlp_only_layers", "index_set"),
         LayerField("decoder_sparse_step", "period"))),
 ]}
-GENERIC = ArchSpec("generic", layer_fields=(LAYER_TYPES,))
+GENERIC = ArchSpec("generic", layer_fields=(LAYER_TYPES,), logits_are_head_output=False)
 
 
 def get_arch(config: dict, allow_unknown: bool = False) -> ArchSpec:

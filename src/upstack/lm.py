@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from upstack.arch import get_arch
 from upstack.checkpoint import TORCH_DTYPE_NAMES, open_checkpoint, read_config
 from upstack.errors import CheckpointError, ConfigError, UpstackError
 from upstack.hub import hub_offline, is_hub_id, offline_reason
@@ -340,6 +341,88 @@ def forward_scored(model, batch: dict):
         start = 0
     logits = forward_logits(model, batch, start)
     return logits, batch["labels"][:, start:]
+
+
+# Logits of more than this many bytes (fp32) are never made at once: the loss applies the output head to
+# chunks of positions, recomputed in the backward pass (Mistral's 32k vocabulary x 4,096 tokens x batch 4
+# would be 2 GB of logits). Below it, the plain one-call path runs (same numbers, no recompute).
+LOSS_CHUNK_BYTES = 256 << 20
+
+
+def _output_head(model):
+    """The plain nn.Linear output head of a model whose logits are that head's output, else None."""
+    import torch.nn as nn
+
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model") and hasattr(inner, "peft_config"):
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(inner, "get_output_embeddings"):
+        return None
+    if not get_arch(config.to_dict(), allow_unknown=True).logits_are_head_output:
+        return None
+    head = inner.get_output_embeddings()
+    return head if type(head) is nn.Linear else None
+
+
+class _HeadOff:
+    """Within the block the head returns its input: the model's "logits" are its final hidden states."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def __enter__(self):
+        self.head.forward = lambda hidden: hidden  # an instance attribute shadows nn.Linear.forward
+
+    def __exit__(self, *exc):
+        del self.head.forward
+
+
+def _chunk_nll(hidden, weight, bias, labels):
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+
+
+def loss_chunk_positions(model, batch: dict, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int | None:
+    """Positions per chunk when the batch's fp32 logits would pass `chunk_bytes` and the model's head can
+    be applied by the loss itself; None when the one-call path applies."""
+    head = _output_head(model)
+    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - batch.get("logits_from", 0))
+    if head is None or positions * head.out_features * 4 <= chunk_bytes:
+        return None
+    return max(1, chunk_bytes // (4 * head.out_features))
+
+
+def token_nll(model, batch: dict, chunk_bytes: int = LOSS_CHUNK_BYTES):
+    """(per-position negative log-likelihood [rows, positions], labels) over the scored positions, with the
+    output head applied in chunks when the whole batch's fp32 logits would pass `chunk_bytes` (each chunk
+    recomputed in the backward pass, so only one chunk's logits exist at a time). Same values and
+    gradients as the one-call path, up to float summation order."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    step = loss_chunk_positions(model, batch, chunk_bytes)
+    if step is None:
+        logits, labels = forward_scored(model, batch)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+        return nll.view(labels.shape), labels
+    head = _output_head(model)
+    with _HeadOff(head):
+        hidden, labels = forward_scored(model, batch)
+    flat, flat_labels = hidden.flatten(0, 1), labels.flatten()
+    pieces = [checkpoint(_chunk_nll, flat[a:a + step], head.weight, head.bias, flat_labels[a:a + step],
+                         use_reentrant=False) for a in range(0, flat.shape[0], step)]
+    return torch.cat(pieces).view(labels.shape), labels
+
+
+def scored_logps(model, batch: dict):
+    """(summed log-prob of each row's label tokens, number of label tokens): `sequence_logps` of the
+    model's logits, through `token_nll` so that large vocabularies are scored a chunk at a time."""
+    nll, labels = token_nll(model, batch)
+    return -nll.sum(-1), (labels != -100).sum(-1)
 
 
 def sequence_logps(logits, labels):

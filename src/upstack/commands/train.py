@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from upstack.commands.output import print_json
+from upstack.config import config_from_dict, parse_bytes
+from upstack.errors import ConfigError
+from upstack.lm import model_config
+from upstack.train.config import check_config
+from upstack.train.memory import format_plan, stage_memory_plan
+
 ORDER = 20
 
 _STAGES = {
@@ -100,17 +107,19 @@ def _add_common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT (and discard OUT.work)")
     p.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep OUT.work after success")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the options and print the memory plan (full, LoRA, QLoRA) from MODEL's config.json; "
+                        "train nothing")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: the memory of one GPU, e.g. 24GB or 80GiB: "
+                   "say which methods fit and how many GPUs each needs under FSDP")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-_NOT_CONFIG = {"func", "stage", "debug", "quiet", "json", "command"}
+_NOT_CONFIG = {"func", "stage", "debug", "quiet", "json", "command", "dry_run", "gpu_memory"}
 
 
 def _run(args) -> int:
     import importlib
-
-    from upstack.commands.output import print_json
-    from upstack.config import config_from_dict
 
     module, cls_name, fn_name, _ = _STAGES[args.stage]
     mod = importlib.import_module(module)
@@ -118,6 +127,10 @@ def _run(args) -> int:
     if args.quiet:
         options["progress"] = False
     cfg = config_from_dict(getattr(mod, cls_name), options, "options")
+    if args.dry_run:
+        return _dry_run(args, cfg, getattr(mod, f"check_{args.stage}_config", check_config))
+    if args.gpu_memory:
+        raise ConfigError("--gpu-memory goes with --dry-run (it sizes the memory plan)")
     summary = getattr(mod, fn_name)(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # one report per launch, not one per process
         return 0
@@ -139,3 +152,19 @@ def _describe(stage: str, s: dict) -> str:
     if s.get("tokens_per_s"):
         parts.append(f"{s['tokens_per_s']:,.0f} tokens/s")
     return f"{stage}: wrote {s['out']} ({', '.join(parts)})"
+
+
+def _dry_run(args, cfg, check) -> int:
+    """The options checked and the memory plan printed; nothing read but MODEL's config.json."""
+    check(cfg)
+    config = model_config(cfg.model)
+    if config is None:
+        raise ConfigError(f"{cfg.model}: --dry-run plans from a local folder's config.json (none found)")
+    gpu = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
+    plan = stage_memory_plan(cfg, args.stage, config, gpu)
+    if args.json:
+        print_json(plan)
+    else:
+        print(f"{args.stage} of {cfg.model}: dry run, nothing trained")
+        print(format_plan(plan))
+    return 0

@@ -30,8 +30,7 @@ from upstack.data.chat import TEMPLATES, encode_pairs
 from upstack.data.loading import load_dpo_rows
 from upstack.errors import ConfigError, DataError
 from upstack.lm import (
-    check_model_path, check_same_vocab, collate_segments, disable_dropout, forward_scored, load_model, pad_token_id,
-    sequence_logps,
+    check_model_path, check_same_vocab, collate_segments, disable_dropout, load_model, pad_token_id, scored_logps,
 )
 from upstack.outputs import atomic_file
 from upstack.train.checkpointing import save_final
@@ -89,14 +88,14 @@ def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", la
     likelihood of the chosen answers along with the rejected ones."""
     import torch
 
-    logps, n_tok = sequence_logps(*forward_scored(model, batch))
+    logps, n_tok = scored_logps(model, batch)
     n = batch["n_loss"]
     pc, pr = logps[:n], logps[n:]
     if batch.get("ref_logps") is not None:
         rc, rr = batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
     else:
         with torch.no_grad():
-            ref_lp, _ = sequence_logps(*forward_scored(ref_model, batch))
+            ref_lp, _ = scored_logps(ref_model, batch)
         rc, rr = ref_lp[:n], ref_lp[n:]
     losses = dpo_losses(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                         chosen_tokens=n_tok[:n], rejected_tokens=n_tok[n:])
@@ -158,7 +157,7 @@ def score_pairs(run: Run, model, pair_ids: list[int], collate):
             batch = collate(idx or pair_ids[:1], with_ref=False)
             batch = {k: (v.to(run.accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
             with run.accelerator.autocast():
-                logps, _ = sequence_logps(*forward_scored(model, batch))
+                logps, _ = scored_logps(model, batch)
             if idx:
                 n = len(idx)
                 out[i * b:i * b + n, 0] = logps[:n].float()

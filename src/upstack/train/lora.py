@@ -18,6 +18,10 @@ from typing import Any, Optional, Union
 from upstack.errors import ConfigError
 from upstack.train.layers import decoder_layers, new_layers, parse_train_layers
 
+# bitsandbytes (imported by peft) logs a warning on import when an optional CPU kernel package is absent;
+# it runs without it, so the line is noise for every LoRA run.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 ALL_LINEAR = "all-linear"
 ADAPTER_DIR = "adapter"   # OUT/adapter: the PEFT adapter folder
 
@@ -70,8 +74,6 @@ def quantization_config(cfg):
     import torch
     from transformers import BitsAndBytesConfig
 
-    # bitsandbytes logs a warning on import when an optional CPU kernel package is absent; it still runs.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)

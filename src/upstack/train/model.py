@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from upstack.errors import CheckpointError, ConfigError
-from upstack.lm import check_token_ids, checkpoint_dtype, forward_scored, load_model
+from upstack.lm import (
+    check_token_ids, checkpoint_dtype, forward_scored, load_model, loss_chunk_positions, token_nll,
+)
 from upstack.train.config import TrainConfig, master_dtype
 from upstack.train.layers import freeze_for_training
 from upstack.train.lora import apply_lora, lora_enabled, quantization_config
@@ -75,9 +77,13 @@ def prepare_model(run: Run, model):
 
 
 def lm_loss(model, batch: dict):
-    """Summed next-token cross-entropy over the batch's label tokens (labels are already shifted)."""
+    """Summed next-token cross-entropy over the batch's label tokens (labels are already shifted); the
+    output head runs a chunk of positions at a time when the logits would be large (lm.token_nll)."""
     import torch.nn.functional as F
 
+    if loss_chunk_positions(model, batch) is not None:
+        nll, _ = token_nll(model, batch)
+        return nll.sum(), {}
     logits, labels = forward_scored(model, batch)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     return loss, {}
