@@ -224,7 +224,7 @@ def _training_section(final_metrics: dict[str, dict]) -> list[str]:
     if not final_metrics:
         return []
     keys = ["loss", "eval_loss", "eval_perplexity", "rewards/margin", "rewards/accuracy", "eval_rewards/margin",
-            "eval_rewards/accuracy", "tokens_per_s", "step"]
+            "eval_rewards/accuracy", "tokens_per_s", "trainable", "peak_rss_mb", "step"]
     present = [k for k in keys if any(k in v for v in final_metrics.values())]
     lines = ["## Training (last logged values)", "", "| stage | " + " | ".join(present) + " |",
              "|---|" + "---|" * len(present)]
