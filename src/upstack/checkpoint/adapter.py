@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
-from upstack.checkpoint.reader import Checkpoint, TensorRef, load_tensor, read_safetensors_header, tensor_to_bytes
+from upstack.checkpoint.reader import (
+    Checkpoint, TensorRef, checked_file, load_tensor, read_safetensors_header, tensor_to_bytes,
+)
 from upstack.checkpoint.writer import TensorPlan, source_plan
 from upstack.errors import CheckpointError
 
@@ -67,6 +69,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    checked_file(folder, path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -93,6 +96,7 @@ def open_adapter(folder: str | Path) -> Adapter:
             raise CheckpointError(f"{folder}: the adapter is a pickled adapter_model.bin, which can run code when "
                                   "loaded; convert it to safetensors first")
         raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    checked_file(folder, weights)
     adapter = Adapter(folder, cfg)
     rslora = bool(cfg.get("use_rslora"))
     for name, ref in read_safetensors_header(weights).items():

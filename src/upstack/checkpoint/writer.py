@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fnmatch
 import functools
 import json
 import math
@@ -22,17 +21,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
-from upstack.checkpoint.reader import TensorRef, load_tensor, read_tensor_bytes, tensor_to_bytes
+from upstack.checkpoint.reader import TensorRef, aux_files, load_tensor, read_tensor_bytes, tensor_to_bytes
 from upstack.errors import CheckpointError
 from upstack.outputs import atomic_output_dir
-
-# Non-weight files a checkpoint folder carries along: tokenizer, chat template, generation config.
-AUX_FILE_PATTERNS = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "chat_template.*", "generation_config.json", "*.tiktoken", "spiece.model", "sentencepiece*.model",
-    "preprocessor_config.json", "upstack.json",
-)
-
 
 @dataclasses.dataclass
 class TensorPlan:
@@ -215,15 +206,18 @@ def _write_all(fd: int, data) -> int:
 
 
 def copy_aux_files(src: Path | None, dst: Path, skip: Iterable[str] = ()) -> list[str]:
-    """Copy tokenizer, chat template and generation config files from a checkpoint folder."""
+    """Copy tokenizer, chat template and generation config files from a checkpoint folder.
+
+    Every file is checked first (`aux_files`: none may link outside `src`, the Hugging Face cache's
+    blobs/ excepted), so a refused link copies nothing; links are copied as the files they point to."""
     copied = []
     if src is None:
         return copied
     skip = set(skip)
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in skip and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_FILE_PATTERNS):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
+    files = [f for f in aux_files(Path(src)) if f.name not in skip]
+    for f in files:
+        shutil.copy2(f.resolve(), dst / f.name)
+        copied.append(f.name)
     return copied
 
 
