@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -21,9 +22,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
+from upstack.checkpoint.finite import all_finite, count_nonfinite
 from upstack.checkpoint.reader import TensorRef, aux_files, load_tensor, read_tensor_bytes, tensor_to_bytes
 from upstack.errors import CheckpointError
 from upstack.outputs import atomic_output_dir
+
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TensorPlan:
@@ -69,7 +73,8 @@ def validate_plan(plans: list[TensorPlan]) -> None:
 
 
 def cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
-    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB."""
+    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB; warns (once per tensor) when
+    the output holds NaN or inf, from the source or from values beyond `dtype`'s range."""
     rows = ref.shape[0] if ref.shape else 1
     row_bytes = max(1, ref.nbytes // rows) if ref.shape else ref.nbytes
 
@@ -77,12 +82,18 @@ def cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
         import torch
 
         dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
-        if not ref.shape:
-            yield tensor_to_bytes(load_tensor(ref).to(dt))
-            return
         step = max(1, (64 << 20) // row_bytes)
-        for a in range(0, rows, step):
-            yield tensor_to_bytes(load_tensor(ref, (a, min(rows, a + step))).to(dt))
+        pieces = [None] if not ref.shape else [(a, min(rows, a + step)) for a in range(0, rows, step)]
+        bad = bad_src = 0
+        for piece in pieces:
+            src = load_tensor(ref, piece)
+            out = src.to(dt)
+            if not all_finite(out):
+                bad, bad_src = bad + count_nonfinite(out), bad_src + count_nonfinite(src)
+            yield tensor_to_bytes(out)
+        if bad:
+            log.warning("tensor %s has %d non-finite value(s) (NaN or inf) after the cast to %s (%d already "
+                        "in the source %s); written as they are", name, bad, dtype, bad_src, ref.name)
 
     return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"cast {ref.name} -> {dtype}")
 
