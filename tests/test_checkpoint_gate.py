@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from test_upscale_errors import no_leftovers as nothing_written
+from test_upscale_errors import run_err
 from tiny import build_tiny_model
 from upstack.checkpoint import copy_aux_files, open_adapter, open_checkpoint
 from upstack.cli import main
@@ -51,27 +53,12 @@ def copy_of(src: Path, dst: Path) -> Path:
     return dst
 
 
-def one_error(capsys, argv, *needles, capfd=None) -> str:
-    rc = main([str(a) for a in argv])
-    err = (capfd or capsys).readouterr().err
-    assert rc == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def nothing_written(parent: Path, name: str) -> bool:
-    return not any(p.name == name or p.name.startswith(f".{name}.tmp") for p in parent.iterdir())
-
-
 # -- case 3: symlinks that leave the folder are refused ---------------------------------------------
 
 def test_upscale_refuses_aux_link_outside(model, secret, tmp_path, capsys):
     m = copy_of(model, tmp_path / "m")
     (m / "vocab.txt").symlink_to(secret)
-    line = one_error(capsys, ["upscale", m, tmp_path / "out"], "vocab.txt", "outside")
+    line = run_err(capsys, ["upscale", m, tmp_path / "out"], "vocab.txt", "outside")
     assert "not-for-you" not in line
     assert nothing_written(tmp_path, "out")
 
@@ -105,13 +92,13 @@ def test_weights_or_config_linked_to_another_folder(model, model2, tmp_path, cap
     m = copy_of(model, tmp_path / "m")
     (m / name).unlink()
     (m / name).symlink_to(model2 / name)
-    one_error(capsys, ["upscale", m, tmp_path / "out"], name, "outside")
+    run_err(capsys, ["upscale", m, tmp_path / "out"], name, "outside")
     assert nothing_written(tmp_path, "out")
-    one_error(capsys, ["inspect", m], name, "outside")
+    run_err(capsys, ["inspect", m], name, "outside")
     assert main(["verify", str(m)]) == 2
     out = capsys.readouterr().out
     assert "FAILED" in out and name in out
-    one_error(capsys, ["merge", m, model2, "--method", "linear", "--out", tmp_path / "merged"], name, "outside")
+    run_err(capsys, ["merge", m, model2, "--method", "linear", "--out", tmp_path / "merged"], name, "outside")
     with pytest.raises(CheckpointError, match="outside"):
         check_model_path(str(m))
 
@@ -124,7 +111,7 @@ def test_index_and_shards_linked_outside(model, secret, tmp_path, capsys):
     elsewhere.mkdir()
     shard.rename(elsewhere / shard.name)
     shard.symlink_to(elsewhere / shard.name)
-    one_error(capsys, ["upscale", m, tmp_path / "out"], shard.name, "outside")
+    run_err(capsys, ["upscale", m, tmp_path / "out"], shard.name, "outside")
     # a linked sub-folder is no way around it either
     shard.unlink()
     (m / "sub").symlink_to(elsewhere, target_is_directory=True)
@@ -132,7 +119,7 @@ def test_index_and_shards_linked_outside(model, secret, tmp_path, capsys):
     index = json.loads(idx.read_text())
     index["weight_map"] = {k: (f"sub/{v}" if v == shard.name else v) for k, v in index["weight_map"].items()}
     idx.write_text(json.dumps(index))
-    one_error(capsys, ["upscale", m, tmp_path / "out"], shard.name, "outside")
+    run_err(capsys, ["upscale", m, tmp_path / "out"], shard.name, "outside")
 
 
 def test_adapter_files_linked_outside(model, tmp_path):
@@ -212,13 +199,13 @@ def test_hf_cache_links_elsewhere_refused(cached, tmp_path, capsys):
     target = os.readlink(other / "model.safetensors")  # ../../blobs/<sha> of the other repository
     (snap / "model.safetensors").unlink()
     (snap / "model.safetensors").symlink_to(Path("../../../models--org--tiny2/snapshots/0f3c5d1e2a") / target)
-    one_error(capsys, ["upscale", snap, tmp_path / "out"], "model.safetensors", "outside")
+    run_err(capsys, ["upscale", snap, tmp_path / "out"], "model.safetensors", "outside")
     (snap / "model.safetensors").unlink()  # another snapshot of the same repository is not its blobs/
     rev2 = snap.parent / "1111111111"
     rev2.mkdir()
     shutil.copyfile(cached["a"] / "model.safetensors", rev2 / "model.safetensors")
     (snap / "model.safetensors").symlink_to("../1111111111/model.safetensors")
-    one_error(capsys, ["upscale", snap, tmp_path / "out"], "model.safetensors", "outside")
+    run_err(capsys, ["upscale", snap, tmp_path / "out"], "model.safetensors", "outside")
     # a folder that only looks like a snapshot (no models--* repository) gets no exception
     fake = tmp_path / "x" / "snapshots" / "r"
     fake.mkdir(parents=True)
@@ -266,13 +253,13 @@ def text_file(root):
 @pytest.mark.parametrize("kind", ["traversal", "pickle", "header"])
 def test_eval_and_contamination_refuse(bad_models, model, text_file, capsys, kind):
     folder, needle = bad_models[kind]
-    upscale_line = one_error(capsys, ["upscale", folder, folder.parent / "never"], needle)
-    line = one_error(capsys, ["eval", folder, "--perplexity", text_file, "--device", "cpu"], needle)
+    upscale_line = run_err(capsys, ["upscale", folder, folder.parent / "never"], needle)
+    line = run_err(capsys, ["eval", folder, "--perplexity", text_file, "--device", "cpu"], needle)
     if kind == "pickle":  # the same message as upscale's
         assert upscale_line.split("weights are pickled")[1] == line.split("weights are pickled")[1]
-    one_error(capsys, ["eval", model, "--preference", text_file, "--preference-reference", folder], needle)
-    one_error(capsys, ["contamination", folder, "--method", "min-k", "--benchmark", text_file], needle)
-    one_error(capsys, ["contamination", model, "--reference", folder, "--benchmark", text_file], needle)
+    run_err(capsys, ["eval", model, "--preference", text_file, "--preference-reference", folder], needle)
+    run_err(capsys, ["contamination", folder, "--method", "min-k", "--benchmark", text_file], needle)
+    run_err(capsys, ["contamination", model, "--reference", folder, "--benchmark", text_file], needle)
     with pytest.raises(CheckpointError, match="cannot load model"):
         check_model_path(str(folder))
 
@@ -283,7 +270,7 @@ def test_train_refuses(bad_models, tmp_path, capsys, kind):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]}) + "\n")
-    one_error(capsys, ["sft", folder, "--data", data, "--out", tmp_path / "out", "--max-steps", "1"], needle)
+    run_err(capsys, ["sft", folder, "--data", data, "--out", tmp_path / "out", "--max-steps", "1"], needle)
     assert nothing_written(tmp_path, "out")
 
 
@@ -301,9 +288,9 @@ def test_allow_pickle_for_eval_and_contamination(bad_models, text_file, tmp_path
 
 def test_eval_model_args_cannot_bypass_the_gate(model, bad_models, text_file, capsys):
     folder, _ = bad_models["traversal"]
-    one_error(capsys, ["eval", model, "--tasks", "arc_challenge_local", "--task-file",
+    run_err(capsys, ["eval", model, "--tasks", "arc_challenge_local", "--task-file",
                        f"arc_challenge_local={text_file}", "--model-args", f"pretrained={folder}"], "pretrained")
-    one_error(capsys, ["eval", model, "--tasks", "arc_challenge_local", "--task-file",
+    run_err(capsys, ["eval", model, "--tasks", "arc_challenge_local", "--task-file",
                        f"arc_challenge_local={text_file}", "--model-args", "trust_remote_code=true"],
               "trust_remote_code")
 
@@ -335,7 +322,7 @@ def with_nan(src: Path, dst: Path, name: str = "model.layers.0.mlp.up_proj.weigh
 
 def test_merge_refuses_nonfinite_unless_allowed(model, model2, tmp_path, capsys):
     bad = with_nan(model, tmp_path / "nan")
-    line = one_error(capsys, ["merge", bad, model2, "--method", "linear", "--out", tmp_path / "out"],
+    line = run_err(capsys, ["merge", bad, model2, "--method", "linear", "--out", tmp_path / "out"],
                      "model.layers.0.mlp.up_proj.weight", "--allow-nonfinite")
     assert "non-finite" in line
     assert nothing_written(tmp_path, "out")
@@ -346,7 +333,7 @@ def test_merge_refuses_nonfinite_unless_allowed(model, model2, tmp_path, capsys)
 
 def test_merge_refuses_overflow_to_inf_in_the_output_dtype(model, model2, tmp_path, capsys):
     big = with_nan(model, tmp_path / "big", value=1e38)
-    one_error(capsys, ["merge", big, model2, "--method", "linear", "--dtype", "float16", "--out", tmp_path / "out"],
+    run_err(capsys, ["merge", big, model2, "--method", "linear", "--dtype", "float16", "--out", tmp_path / "out"],
               "model.layers.0.mlp.up_proj.weight", "non-finite")
 
 
@@ -362,7 +349,7 @@ def test_merge_adapter_refuses_nonfinite(model, tmp_path, capsys):
     key = next(k for k in w if "layers.1" in k and "lora_B" in k)
     w[key].view(-1)[0] = float("inf")
     save_file(w, adapter / "adapter_model.safetensors")
-    one_error(capsys, ["merge-adapter", model, adapter, tmp_path / "out"], "model.layers.1.self_attn.q_proj.weight",
+    run_err(capsys, ["merge-adapter", model, adapter, tmp_path / "out"], "model.layers.1.self_attn.q_proj.weight",
               "non-finite", "--allow-nonfinite")
     assert nothing_written(tmp_path, "out")
     assert main(["merge-adapter", str(model), str(adapter), str(tmp_path / "out"), "--allow-nonfinite", "-q"]) == 0
