@@ -23,7 +23,8 @@ def sharded(tmp_path):
 
 
 def run_err(capsys, args, *needles):
-    rc = main(args)
+    """Run the CLI on `args` (paths welcome); assert exactly one `error:` line holding every needle, exit 2."""
+    rc = main([str(a) for a in args])
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]

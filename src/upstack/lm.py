@@ -175,9 +175,11 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None, att
     return model.to(device) if device else model
 
 
-def load_for_inference(path: str, *, device: str | None = None, dtype: str = "auto", what: str = "model"):
-    """(model, tokenizer) in eval mode on `device` (default: cuda when available), after the path check."""
-    check_model_path(path, what)
+def load_for_inference(path: str, *, device: str | None = None, dtype: str = "auto", what: str = "model",
+                       allow_pickle: bool = False):
+    """(model, tokenizer) in eval mode on `device` (default: cuda when available), after the path check
+    (pickled weights only with `allow_pickle`)."""
+    check_model_path(path, what, allow_pickle=allow_pickle)
     model = load_model(path, dtype=dtype, device=resolve_device(device), what=what).eval()
     tok = load_tokenizer(path, what)
     n = model.get_input_embeddings().num_embeddings

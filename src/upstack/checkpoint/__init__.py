@@ -17,20 +17,20 @@ from upstack.checkpoint.finish import (
     check_surgery_output, model_card_front_matter, set_config_dtype, write_surgery_output,
 )
 from upstack.checkpoint.reader import (
-    MAX_HEADER_BYTES, Checkpoint, TensorRef, load_tensor, open_checkpoint, read_config, read_index,
-    read_safetensors_header, read_tensor_bytes, resolve_model_dir, tensor_to_bytes,
+    AUX_FILE_PATTERNS, MAX_HEADER_BYTES, Checkpoint, TensorRef, aux_files, checked_file, load_tensor, open_checkpoint,
+    read_config, read_index, read_safetensors_header, read_tensor_bytes, resolve_model_dir, tensor_to_bytes,
 )
 from upstack.checkpoint.tokenizer_files import check_same_tokenizer_files, token_table
 from upstack.checkpoint.verify import inspect_checkpoint, meta_model, verify_checkpoint
 from upstack.checkpoint.writer import (
-    AUX_FILE_PATTERNS, TensorPlan, assign_shards, cast_plan, copy_aux_files, source_plan, validate_plan,
+    TensorPlan, assign_shards, cast_plan, copy_aux_files, source_plan, validate_plan,
     write_checkpoint, write_shards,
 )
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "adapter_summary", "open_adapter", "plan_adapter_merge",
     "AUX_FILE_PATTERNS", "DTYPE_ALIASES", "DTYPE_SIZES", "MAX_HEADER_BYTES", "TORCH_DTYPE_NAMES", "Checkpoint",
-    "TensorBlockReader", "TensorPlan", "TensorRef", "assign_shards", "check_same_tokenizer_files",
+    "TensorBlockReader", "TensorPlan", "TensorRef", "assign_shards", "aux_files", "checked_file", "check_same_tokenizer_files",
     "cast_plan", "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",
     "normalize_dtype", "open_checkpoint", "read_config", "read_index", "read_safetensors_header",
     "read_tensor_bytes", "resolve_model_dir", "set_config_dtype", "source_plan", "tensor_to_bytes", "token_table",

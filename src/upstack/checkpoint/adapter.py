@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
-from upstack.checkpoint.reader import Checkpoint, TensorRef, load_tensor, read_safetensors_header, tensor_to_bytes
+from upstack.checkpoint.finite import all_finite, nonfinite_error
+from upstack.checkpoint.reader import (
+    Checkpoint, TensorRef, checked_file, load_tensor, read_safetensors_header, tensor_to_bytes,
+)
 from upstack.checkpoint.writer import TensorPlan, source_plan
 from upstack.errors import CheckpointError
 
@@ -67,6 +70,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    checked_file(folder, path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -93,6 +97,7 @@ def open_adapter(folder: str | Path) -> Adapter:
             raise CheckpointError(f"{folder}: the adapter is a pickled adapter_model.bin, which can run code when "
                                   "loaded; convert it to safetensors first")
         raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    checked_file(folder, weights)
     adapter = Adapter(folder, cfg)
     rslora = bool(cfg.get("use_rslora"))
     for name, ref in read_safetensors_header(weights).items():
@@ -158,8 +163,15 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
                               + "; ".join(problems[:3]) + more + " (was it trained on another base model?)")
 
 
-def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out: bool, dtype: str) -> TensorPlan:
+def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out: bool, dtype: str,
+                 allow_nonfinite: bool = False) -> TensorPlan:
     def compute():
+        for chunk in _merged_chunks():
+            if not allow_nonfinite and not all_finite(chunk):
+                raise nonfinite_error(name)
+            yield tensor_to_bytes(chunk)
+
+    def _merged_chunks():
         import torch
 
         a = load_tensor(mod.a).float()
@@ -169,7 +181,7 @@ def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out
         if fan_in_fan_out and mod.magnitude is not None:  # row norms run across stored columns: whole tensor
             w = load_tensor(base_ref).float() + mod.scale * (b @ a).T
             norm = torch.linalg.norm(w.T, dim=1)
-            yield tensor_to_bytes((w * (load_tensor(mod.magnitude).float().reshape(-1) / norm)).to(out_dt))
+            yield (w * (load_tensor(mod.magnitude).float().reshape(-1) / norm)).to(out_dt)
             return
         mag = load_tensor(mod.magnitude).float().reshape(-1) if mod.magnitude is not None else None
         step = max(1, CHUNK_BYTES // (4 * max(1, base_ref.shape[1])))
@@ -179,7 +191,7 @@ def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out
             w += mod.scale * ((a.T[lo:hi] @ b.T) if fan_in_fan_out else (b[lo:hi] @ a))
             if mag is not None:
                 w *= (mag[lo:hi] / torch.linalg.norm(w, dim=1)).unsqueeze(1)
-            yield tensor_to_bytes(w.to(out_dt))
+            yield w.to(out_dt)
 
     kind = "DoRA" if mod.magnitude is not None else "LoRA"
     return TensorPlan(name, dtype, tuple(base_ref.shape), compute=compute,
@@ -199,16 +211,17 @@ def _replaced_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
 
 
 def plan_adapter_merge(base: Checkpoint, adapter: Adapter, base_label: str | None = None,
-                       dtype: str | None = None) -> list[TensorPlan]:
+                       dtype: str | None = None, *, allow_nonfinite: bool = False) -> list[TensorPlan]:
     """A tensor plan for base + adapter: merged tensors computed, every other base tensor copied by bytes.
-    Each output tensor keeps the base tensor's dtype, or takes `dtype` (floating tensors only)."""
+    Each output tensor keeps the base tensor's dtype, or takes `dtype` (floating tensors only). A merged
+    tensor holding NaN or inf fails the write (CheckpointError naming it) unless `allow_nonfinite`."""
     check_adapter_matches(adapter, base, base_label or str(base.folder))
     merged = {f"{m.module}.weight": m for m in adapter.modules.values()}
     plans = []
     for name, ref in base.tensors.items():
         out_dtype = dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
         if name in merged:
-            plans.append(_merged_plan(name, ref, merged[name], adapter.fan_in_fan_out, out_dtype))
+            plans.append(_merged_plan(name, ref, merged[name], adapter.fan_in_fan_out, out_dtype, allow_nonfinite))
         elif name in adapter.replaced:
             plans.append(_replaced_plan(name, adapter.replaced[name], out_dtype))
         else:

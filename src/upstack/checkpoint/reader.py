@@ -8,6 +8,7 @@ says where each tensor's bytes are (`TensorRef`); `read_tensor_bytes`/`load_tens
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -168,6 +169,7 @@ def read_config(folder: str | Path) -> dict:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
+    checked_file(folder, cfg_path)
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -177,36 +179,75 @@ def read_config(folder: str | Path) -> dict:
     return config
 
 
+# Non-weight files a checkpoint folder carries along (tokenizer, chat template, generation config) and that
+# the gate checks with the weights: the writer copies them into outputs, transformers reads them.
+AUX_FILE_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "chat_template.*", "generation_config.json", "*.tiktoken", "spiece.model", "sentencepiece*.model",
+    "preprocessor_config.json", "upstack.json",
+)
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of `folder` may really live: the folder itself, and for a Hugging Face cache
+    snapshot (models--org--name/snapshots/<rev>/) that repository's blobs/ folder, where the cache keeps
+    the files its snapshot links point to."""
+    real = folder.resolve()
+    roots = [real]
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        roots.append((repo / "blobs").resolve())
+    return roots
+
+
+def checked_file(folder: str | Path, path: str | Path) -> Path:
+    """`path` (a file of checkpoint folder `folder`), refused when it resolves -- through a symlink of its
+    own or of a folder on the way -- outside the folder. The Hugging Face cache layout is the one
+    exception: a snapshot's links into its own repository's blobs/ are accepted. Returns `path`."""
+    folder, path = Path(folder), Path(path)
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in _allowed_roots(folder)):
+        raise CheckpointError(f"{path}: refused: it links to {real}, outside the checkpoint folder {folder} "
+                              "(copy the file into the folder, or link only within it)")
+    return path
+
+
+def aux_files(folder: Path) -> list[Path]:
+    """The folder's aux files (AUX_FILE_PATTERNS), each checked by `checked_file`."""
+    return [checked_file(folder, f) for f in sorted(folder.iterdir())
+            if any(fnmatch.fnmatch(f.name, pat) for pat in AUX_FILE_PATTERNS) and f.is_file()]
+
+
 def _safe_member(folder: Path, rel: object, index_path: Path) -> Path:
     """Resolve a file named by an index; refuse absolute paths and anything outside `folder`."""
     if not isinstance(rel, str) or not rel:
         raise CheckpointError(f"{index_path}: weight_map values must be file names, got {rel!r}")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in Path(rel).parts or "\\" in rel:
         raise CheckpointError(f"{index_path}: refuses file {rel!r}: paths must stay inside the checkpoint folder")
-    p = (folder / rel).resolve()
-    if not p.is_relative_to(folder.resolve()):
-        raise CheckpointError(f"{index_path}: refuses file {rel!r}: it resolves outside the checkpoint folder")
-    return folder / rel
+    return checked_file(folder, folder / rel)
 
 
 def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False, weights_required: bool = True) -> Checkpoint:
     """Open a HF checkpoint folder (safetensors, sharded or single; pickled .bin only with allow_pickle).
 
-    Validates: config.json parses; an index names only files inside the folder that exist; every
-    tensor in the index is in the named shard and every shard tensor is in the index; headers are
-    strict (see read_safetensors_header). Raises CheckpointError otherwise.
+    The one gate every command passes before it reads a checkpoint. Validates: config.json parses; no
+    file it reads (config, index, weights, tokenizer and other aux files) resolves outside the folder
+    (`checked_file`: symlinks too; the Hugging Face cache's blobs/ excepted); an index names only files
+    inside the folder that exist; every tensor in the index is in the named shard and every shard tensor
+    is in the index; headers are strict (see read_safetensors_header). Raises CheckpointError otherwise.
     """
     folder = Path(folder)
     config = read_config(folder)
+    aux_files(folder)
     st_index = folder / "model.safetensors.index.json"
     bin_index = folder / "pytorch_model.bin.index.json"
     single = folder / "model.safetensors"
     if st_index.is_file():
-        return Checkpoint(folder, config, *_open_indexed(folder, st_index))
+        return Checkpoint(folder, config, *_open_indexed(folder, checked_file(folder, st_index)))
     if single.is_file():
-        tensors = read_safetensors_header(single)
+        tensors = read_safetensors_header(checked_file(folder, single))
         return Checkpoint(folder, config, tensors, [single])
-    others = sorted(folder.glob("*.safetensors"))
+    others = [checked_file(folder, f) for f in sorted(folder.glob("*.safetensors"))]
     if others:
         tensors: dict[str, TensorRef] = {}
         for f in others:
@@ -221,6 +262,8 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False, weights_r
             raise CheckpointError(
                 f"{folder}: weights are pickled .bin files, which can run code when loaded; convert them to "
                 "safetensors or pass --allow-pickle (then loaded with torch.load(weights_only=True))")
+        for f in bins:
+            checked_file(folder, f)
         return Checkpoint(folder, config, *_open_pickled(folder, bin_index))
     if weights_required:
         raise CheckpointError(f"{folder}: no weights found (no *.safetensors or index file)")
@@ -267,7 +310,7 @@ def _open_pickled(folder: Path, bin_index: Path):
         weight_map = read_index(bin_index)["weight_map"]
         files = {rel: _safe_member(folder, rel, bin_index) for rel in dict.fromkeys(weight_map.values())}
     else:
-        files = {p.name: p for p in sorted(folder.glob("*.bin"))}
+        files = {p.name: checked_file(folder, p) for p in sorted(folder.glob("*.bin"))}
     tensors: dict[str, TensorRef] = {}
     rev = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
     for rel, p in files.items():

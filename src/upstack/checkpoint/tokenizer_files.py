@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from upstack.checkpoint.reader import checked_file
 from upstack.errors import UpstackError
 
 
@@ -15,6 +16,7 @@ def token_table(folder: str | Path) -> dict[str, int] | None:
     p = Path(folder) / "tokenizer.json"
     if not p.is_file():
         return None
+    checked_file(folder, p)
     try:
         tok = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 from upstack.arch import ARCHS, GENERIC, is_head, split_layer_name
-from upstack.checkpoint.reader import open_checkpoint, read_index
+from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
+from upstack.checkpoint.finite import FLOAT_DTYPES, all_finite, count_nonfinite
+from upstack.checkpoint.reader import Checkpoint, open_checkpoint, read_index, read_tensor_bytes
 from upstack.errors import CheckpointError
+
+SCAN_CHUNK_BYTES = 64 << 20  # bytes of one tensor read at a time by the NaN/inf scan
 
 
 def inspect_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> dict:
@@ -135,9 +139,39 @@ def verify_checkpoint(folder: str | Path, *, load: bool = False, allow_pickle: b
             warnings.append(f"{len(unexpected)} tensor(s) the model does not use, e.g. {unexpected[0]}")
         if not problems:
             checks.append(f"all {len(expected)} tensor shapes match config.json")
+    floats = sum(1 for r in ckpt.tensors.values() if r.dtype in FLOAT_DTYPES)
+    bad = scan_nonfinite(ckpt)
+    if bad:
+        names = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        problems.append(f"{len(bad)} tensor(s) hold non-finite values (NaN or inf; count in brackets): {names}{more}")
+    else:
+        checks.append(f"all {floats} floating tensors finite (no NaN or inf)")
     if load and not problems:
         problems += _load_and_forward(folder, checks)
     return {"ok": not problems, "problems": problems, "warnings": warnings, "checks": checks}
+
+
+def scan_nonfinite(ckpt: Checkpoint) -> dict[str, int]:
+    """tensor name -> number of NaN/inf elements, for every floating tensor that has any. Reads each tensor
+    in pieces of SCAN_CHUNK_BYTES, so memory stays bounded whatever the tensor's size."""
+    import torch
+
+    bad: dict[str, int] = {}
+    for ref in ckpt.tensors.values():
+        dt = getattr(torch, TORCH_DTYPE_NAMES.get(ref.dtype, ""), None)
+        if ref.dtype not in FLOAT_DTYPES or dt is None or not ref.nbytes:
+            continue
+        size = DTYPE_SIZES[ref.dtype]
+        step = max(size, SCAN_CHUNK_BYTES // size * size)
+        n = 0
+        for start in range(0, ref.nbytes, step):
+            x = torch.frombuffer(read_tensor_bytes(ref, start, min(ref.nbytes, start + step)), dtype=dt)
+            if not all_finite(x):
+                n += count_nonfinite(x)
+        if n:
+            bad[ref.name] = n
+    return bad
 
 
 def _load_and_forward(folder: Path, checks: list[str]) -> list[str]:

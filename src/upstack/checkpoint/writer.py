@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fnmatch
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,17 +22,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
-from upstack.checkpoint.reader import TensorRef, load_tensor, read_tensor_bytes, tensor_to_bytes
+from upstack.checkpoint.finite import all_finite, count_nonfinite
+from upstack.checkpoint.reader import TensorRef, aux_files, load_tensor, read_tensor_bytes, tensor_to_bytes
 from upstack.errors import CheckpointError
 from upstack.outputs import atomic_output_dir
 
-# Non-weight files a checkpoint folder carries along: tokenizer, chat template, generation config.
-AUX_FILE_PATTERNS = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "chat_template.*", "generation_config.json", "*.tiktoken", "spiece.model", "sentencepiece*.model",
-    "preprocessor_config.json", "upstack.json",
-)
-
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TensorPlan:
@@ -78,7 +73,8 @@ def validate_plan(plans: list[TensorPlan]) -> None:
 
 
 def cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
-    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB."""
+    """Cast a stored float tensor to `dtype`, in row chunks of about 64 MB; warns (once per tensor) when
+    the output holds NaN or inf, from the source or from values beyond `dtype`'s range."""
     rows = ref.shape[0] if ref.shape else 1
     row_bytes = max(1, ref.nbytes // rows) if ref.shape else ref.nbytes
 
@@ -86,12 +82,18 @@ def cast_plan(name: str, ref: TensorRef, dtype: str) -> TensorPlan:
         import torch
 
         dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
-        if not ref.shape:
-            yield tensor_to_bytes(load_tensor(ref).to(dt))
-            return
         step = max(1, (64 << 20) // row_bytes)
-        for a in range(0, rows, step):
-            yield tensor_to_bytes(load_tensor(ref, (a, min(rows, a + step))).to(dt))
+        pieces = [None] if not ref.shape else [(a, min(rows, a + step)) for a in range(0, rows, step)]
+        bad = bad_src = 0
+        for piece in pieces:
+            src = load_tensor(ref, piece)
+            out = src.to(dt)
+            if not all_finite(out):
+                bad, bad_src = bad + count_nonfinite(out), bad_src + count_nonfinite(src)
+            yield tensor_to_bytes(out)
+        if bad:
+            log.warning("tensor %s has %d non-finite value(s) (NaN or inf) after the cast to %s (%d already "
+                        "in the source %s); written as they are", name, bad, dtype, bad_src, ref.name)
 
     return TensorPlan(name, dtype, ref.shape, compute=compute, description=f"cast {ref.name} -> {dtype}")
 
@@ -215,15 +217,18 @@ def _write_all(fd: int, data) -> int:
 
 
 def copy_aux_files(src: Path | None, dst: Path, skip: Iterable[str] = ()) -> list[str]:
-    """Copy tokenizer, chat template and generation config files from a checkpoint folder."""
+    """Copy tokenizer, chat template and generation config files from a checkpoint folder.
+
+    Every file is checked first (`aux_files`: none may link outside `src`, the Hugging Face cache's
+    blobs/ excepted), so a refused link copies nothing; links are copied as the files they point to."""
     copied = []
     if src is None:
         return copied
     skip = set(skip)
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in skip and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_FILE_PATTERNS):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
+    files = [f for f in aux_files(Path(src)) if f.name not in skip]
+    for f in files:
+        shutil.copy2(f.resolve(), dst / f.name)
+        copied.append(f.name)
     return copied
 
 

@@ -69,7 +69,8 @@ def register(sub, common) -> None:
 
     p = sub.add_parser("verify", parents=[common], help="check a checkpoint folder is complete and consistent",
                        description="Check index vs shards, strict safetensors headers (offsets, dtypes, sizes), "
-                                   "index total_size, layer count and tensor shapes vs config.json; with --load, "
+                                   "index total_size, layer count and tensor shapes vs config.json, and scan every "
+                                   "floating tensor for NaN/inf (chunked: bounded memory); with --load, "
                                    "load it with transformers and run one forward pass. Exit 0 when it passes, "
                                    "2 when problems are found.\n\nexample: upstack verify out --load",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

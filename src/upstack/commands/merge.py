@@ -78,6 +78,8 @@ def register(sub, common) -> None:
                    help="compute threads (default: one per CPU this process may use, at most 8)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write merged tensors that hold NaN or inf (refused by default, naming the tensor)")
     p.add_argument("--json", action="store_true", help="print the plan/result as JSON")
     p.set_defaults(func=run_merge)
 
@@ -94,6 +96,8 @@ def register(sub, common) -> None:
     p.add_argument("--dry-run", action="store_true", help="check base and adapter, print the plan; write nothing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a base stored as pickled .bin weights (loaded with torch.load(weights_only=True))")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write merged tensors that hold NaN or inf (refused by default, naming the tensor)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_merge_adapter)
 
@@ -109,7 +113,8 @@ def config_from_args(args):
     """A MergeConfig from the command line (flags) or --config (flags may set out/dtype/seed/... only)."""
     common = {"out": args.out, "dtype": args.dtype, "seed": args.seed, "shard_size": args.shard_size,
               "overwrite": args.overwrite or None, "dry_run": args.dry_run or None,
-              "allow_pickle": args.allow_pickle or None, "quiet": args.quiet or None, "workers": args.workers}
+              "allow_pickle": args.allow_pickle or None, "allow_nonfinite": args.allow_nonfinite or None,
+              "quiet": args.quiet or None, "workers": args.workers}
     if args.config:
         given = [f for f, v in (("MODEL", args.models), ("--method", args.method), ("--base", args.base),
                                 ("--weights", args.weights), ("--t", args.t), ("--density", args.density),
@@ -117,7 +122,7 @@ def config_from_args(args):
         if given:
             raise ConfigError(f"{', '.join(given)}: with --config, models, method and parameters come from the "
                               "config file (flags may set --out, --dtype, --seed, --shard-size, --workers, --overwrite, "
-                              "--dry-run)")
+                              "--dry-run, --allow-pickle, --allow-nonfinite)")
         return config_from_yaml(args.config, **common)
     if not args.models:
         raise ConfigError("no models given: upstack merge MODEL_A MODEL_B --method M --out DIR (or --config FILE)")
@@ -169,7 +174,7 @@ def run_merge(args) -> int:
 def run_merge_adapter(args) -> int:
     cfg = MergeAdapterConfig(base=args.base, adapter=args.adapter, out=args.out, dtype=args.dtype,
                              shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-                             allow_pickle=args.allow_pickle, quiet=args.quiet)
+                             allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite, quiet=args.quiet)
     report = merge_adapter(cfg)
     if args.json:
         print_json(report)

@@ -137,9 +137,20 @@ NOTE_FILTER = _DropCustomDatasetNote()
 TRUNCATIONS = _CountTruncations()
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval's commit-hash probe (`git describe --always`) with git's stderr kept: outside a repository
+    git prints `fatal: not a git repository`, which is noise to a user scoring a model."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.decode(errors="replace").strip() or None if done.returncode == 0 else None
+
+
 def _silence_lm_eval() -> None:
-    """lm-eval passes `disable=` to tqdm explicitly (so TQDM_DISABLE is ignored) and shells out to git for
-    a commit hash (printing git's complaint outside a repository): turn both off for --quiet."""
+    """lm-eval passes `disable=` to tqdm explicitly (so TQDM_DISABLE is ignored): turn it off for --quiet."""
     import logging
 
     import lm_eval.api.model
@@ -155,13 +166,14 @@ def _silence_lm_eval() -> None:
     for mod in (hf_mod, lm_eval.evaluator, lm_eval.api.model, lm_eval.api.task):
         if hasattr(mod, "tqdm"):
             mod.tqdm = quiet_tqdm
-    lm_eval.evaluator.get_git_commit_hash = lambda: None
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
 
 def run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
     import lm_eval
+    import lm_eval.evaluator
 
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
     if cfg.quiet:
         _silence_lm_eval()
 

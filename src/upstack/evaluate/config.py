@@ -41,6 +41,7 @@ class EvalConfig:
     template: str = "auto"  # chat template for --preference: auto | chat | alpaca (as for sft/dpo)
     output: str | None = None  # results JSON (a markdown table is written next to it, .md)
     quiet: bool = False  # no progress bars or info logs from lm-eval
+    allow_pickle: bool = False  # models stored as pickled .bin (loaded with torch.load(weights_only=True))
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -67,3 +68,12 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.template not in CHAT_TEMPLATES:
         raise ConfigError(f"--template {cfg.template!r}: not one of {', '.join(CHAT_TEMPLATES)}")
     check_local_names(names)
+    _check_model_args(cfg.model_args)
+
+
+def _check_model_args(model_args: dict) -> None:
+    """--model-args may tune the backend, not open another model past the checkpoint gate or run its code."""
+    if "pretrained" in model_args:
+        raise ConfigError("--model-args pretrained=...: give the model as MODEL (it is checked before loading)")
+    if model_args.get("trust_remote_code") not in (None, False, "false", "False"):
+        raise ConfigError("--model-args trust_remote_code: upstack never runs a checkpoint's own code")

@@ -57,6 +57,7 @@ class ContaminationConfig:
     device: str | None = None
     dtype: str = "auto"
     output: str | None = None  # results JSON
+    allow_pickle: bool = False  # models stored as pickled .bin (loaded with torch.load(weights_only=True))
 
 
 def check_config(cfg: ContaminationConfig) -> None:
@@ -176,17 +177,19 @@ def contamination(cfg: ContaminationConfig) -> dict:
         benches.append((name, path, fmt, texts))
     if len({b[0] for b in benches}) < len(benches):
         raise ConfigError("two benchmarks have the same name; name them: --benchmark NAME=PATH")
-    check_model_path(cfg.model, "model")
+    check_model_path(cfg.model, "model", allow_pickle=cfg.allow_pickle)
     if cfg.reference:
-        check_model_path(cfg.reference, "reference")
+        check_model_path(cfg.reference, "reference", allow_pickle=cfg.allow_pickle)
 
-    target, tok = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype, what="model")
+    target, tok = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype, what="model",
+                                     allow_pickle=cfg.allow_pickle)
     ref = ref_tok = None
     if cfg.reference:
         if os.path.realpath(cfg.reference) == os.path.realpath(cfg.model):
             ref, ref_tok = target, tok
         else:
-            ref, ref_tok = load_for_inference(cfg.reference, device=cfg.device, dtype=cfg.dtype, what="reference")
+            ref, ref_tok = load_for_inference(cfg.reference, device=cfg.device, dtype=cfg.dtype, what="reference",
+                                              allow_pickle=cfg.allow_pickle)
     same_tok = ref_tok is None or same_tokenizer(tok, ref_tok)
     if not same_tok:
         log.warning("model and reference use different tokenizers: allowed, but each scores with its own "

@@ -54,7 +54,7 @@ def _check_inputs(cfg: EvalConfig) -> None:
         if not Path(f).is_file():
             raise DataError(f"--preference {f}: file not found")
     if cfg.preference_reference:
-        check_model_path(cfg.preference_reference, "--preference-reference")
+        check_model_path(cfg.preference_reference, "--preference-reference", allow_pickle=cfg.allow_pickle)
     if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("--backend vllm needs vLLM: pip install 'upstack[vllm]' (or pip install vllm)")
 
@@ -73,7 +73,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     logging.getLogger("lm_eval.evaluator").addFilter(NOTE_FILTER)
     logging.getLogger("lm_eval.models.huggingface").addFilter(TRUNCATIONS)
     TRUNCATIONS.count = 0
-    check_model_path(cfg.model)
+    check_model_path(cfg.model, allow_pickle=cfg.allow_pickle)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     out: dict[str, Any] = {"format": RESULTS_FORMAT, "model": cfg.model, "date": started,
                            "config": dataclasses.asdict(cfg), "tasks": names, "results": {}, "groups": {},
@@ -117,7 +117,8 @@ def _score_files(cfg: EvalConfig, lm, out: dict) -> None:
     hf = getattr(lm, "model", None) if cfg.backend == "hf" and lm is not None else None
     model, tokenizer = (hf, getattr(lm, "tokenizer", None)) if hf is not None else (cfg.model, None)
     if (cfg.perplexity or cfg.preference) and hf is None:
-        model, tokenizer = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        model, tokenizer = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                              allow_pickle=cfg.allow_pickle)
     batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1
     limit = int(cfg.limit) if cfg.limit and cfg.limit >= 1 else None
     for f in cfg.perplexity:
@@ -129,7 +130,7 @@ def _score_files(cfg: EvalConfig, lm, out: dict) -> None:
     ref = ref_tok = None
     if cfg.preference_reference:
         ref, ref_tok = load_for_inference(cfg.preference_reference, device=cfg.device, dtype=cfg.dtype,
-                                          what="reference model")
+                                          what="reference model", allow_pickle=cfg.allow_pickle)
     for f in cfg.preference:
         out["preference"][f] = preference(model, f, tokenizer=tokenizer, reference=ref, reference_tokenizer=ref_tok,
                                           template=cfg.template, max_length=cfg.max_length,

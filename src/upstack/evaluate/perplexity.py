@@ -67,8 +67,10 @@ def windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int
 
 def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str = "text",
                max_length: int | None = None, stride: int | None = None, batch_size: int = 4,
-               device: str | None = None, dtype: str = "auto", limit: int | None = None) -> dict:
+               device: str | None = None, dtype: str = "auto", limit: int | None = None,
+               allow_pickle: bool = False) -> dict:
     """Perplexity of `model` (a checkpoint folder, or a loaded model with `tokenizer`) on `file`.
+    A folder passes the checkpoint gate first (pickled weights only with `allow_pickle`).
 
     Returns {"file", "documents", "tokens", "nll", "perplexity", "bytes", "bits_per_byte", "max_length", "stride"}.
     """
@@ -77,7 +79,7 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
 
     texts = read_texts(file, text_field, limit)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_for_inference(str(model), device=device, dtype=dtype)
+        model, tokenizer = load_for_inference(str(model), device=device, dtype=dtype, allow_pickle=allow_pickle)
     elif tokenizer is None:
         raise ConfigError("perplexity: pass the tokenizer with a loaded model")
     window = min(max_length or model_max_positions(model), model_max_positions(model))

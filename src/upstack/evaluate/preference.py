@@ -97,10 +97,11 @@ def _summary(scores: list[tuple[float, float, int, int]], ref: list | None) -> d
 def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any = None, reference_tokenizer=None,
                template: str = "auto", max_length: int | None = None, batch_size: int = 8,
                limit: int | None = None, group_field: str | None = None, device: str | None = None,
-               dtype: str = "auto") -> dict:
+               dtype: str = "auto", allow_pickle: bool = False) -> dict:
     """Preference accuracy of `model` (a checkpoint folder, or a loaded model with `tokenizer`) on `file`.
 
     `reference` (a folder or a loaded model with `reference_tokenizer`) adds the implicit-reward metrics.
+    Folders pass the checkpoint gate first (pickled weights only with `allow_pickle`).
     Returns {"file", "pairs", "scored", "dropped", "template", "max_length", "accuracy", "accuracy_per_token",
     "margin", "chosen_logp", "rejected_logp", "chosen_nll_per_token"} (+ "reference", "reward_accuracy",
     "reward_margin"; + "groups": {value: the same metrics} with `group_field`)."""
@@ -114,7 +115,7 @@ def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any =
     if limit:
         rows = rows[:limit]
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_for_inference(str(model), device=device, dtype=dtype)
+        model, tokenizer = load_for_inference(str(model), device=device, dtype=dtype, allow_pickle=allow_pickle)
     used = resolve_template(tokenizer, template, str(getattr(model, "name_or_path", "model")))
     window = min(max_length or model_max_positions(model), model_max_positions(model))
     enc, pairs, stats = encode_pairs(tokenizer, rows, window)
@@ -131,7 +132,7 @@ def preference(model: Any, file: str | Path, *, tokenizer=None, reference: Any =
         ref_name = str(reference)
         if isinstance(reference, (str, Path)):
             reference, reference_tokenizer = load_for_inference(str(reference), device=device, dtype=dtype,
-                                                        what="reference model")
+                                                                what="reference model", allow_pickle=allow_pickle)
         else:
             ref_name = str(getattr(reference, "name_or_path", "reference"))
         resolve_template(reference_tokenizer, template, ref_name)

@@ -30,6 +30,7 @@ class MergeAdapterConfig:
     overwrite: bool = False
     dry_run: bool = False
     allow_pickle: bool = False         # for a base stored as pickled .bin (the adapter must be safetensors)
+    allow_nonfinite: bool = False      # write merged tensors holding NaN or inf (refused by default)
     quiet: bool = False
 
 
@@ -63,7 +64,7 @@ def merge_adapter(cfg: MergeAdapterConfig) -> dict:
     adapter = open_adapter(cfg.adapter)
     if Path(cfg.adapter).resolve() == out.resolve() or Path(cfg.base).resolve() == out.resolve():
         raise ConfigError("OUT must differ from BASE and ADAPTER")
-    plans = plan_adapter_merge(base, adapter, str(cfg.base), dtype)
+    plans = plan_adapter_merge(base, adapter, str(cfg.base), dtype, allow_nonfinite=cfg.allow_nonfinite)
     summary = adapter_summary(adapter)
     shard_size = parse_bytes(cfg.shard_size, "--shard-size")
     report = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 
+from upstack.checkpoint.finite import all_finite, nonfinite_error
 from upstack.merge import blocks
 from upstack.merge.blocks import Scratch, block_ranges, serial_map
 from upstack.merge.methods import METHODS
@@ -23,7 +24,7 @@ from upstack.merge.recipe import TensorRecipe
 
 def compute_chunks(recipe: TensorRecipe, read_block: Callable, numel: int, chunk: int, out_dtype, *,
                    map_fn: Callable = serial_map, alloc: Callable | None = None,
-                   scratch: Callable[[], Scratch] | None = None) -> Iterator:
+                   scratch: Callable[[], Scratch] | None = None, refuse_nonfinite: str | None = None) -> Iterator:
     """Yield the merged tensor as flat chunks of `out_dtype`, `chunk` elements each (a multiple of BLOCK).
 
     `read_block(a, b, sc)` returns the inputs' flat elements [a, b) of one block (any float dtype) in
@@ -32,7 +33,9 @@ def compute_chunks(recipe: TensorRecipe, read_block: Callable, numel: int, chunk
     into its own `scratch()` buffers, so a block is read and computed while it is in the CPU's cache;
     every reduction adds per-block results in block order, so the bytes do not depend on the number
     of workers. `alloc(n, dtype)` gives the output chunk's buffer. Methods that need whole-tensor
-    statistics read the inputs once (slerp) or twice (ties) more first.
+    statistics read the inputs once (slerp) or twice (ties) more first. With `refuse_nonfinite` (the
+    tensor's name), every block of output is checked while it is in cache (one min/max reduction) and a
+    NaN or inf raises CheckpointError naming the tensor.
     """
     import torch
 
@@ -112,15 +115,17 @@ def compute_chunks(recipe: TensorRecipe, read_block: Callable, numel: int, chunk
                 # One pass: torch's lerp on bf16/fp16 computes in fp32 and rounds once, so this is the
                 # fp32 result bit for bit (tests check it) at a quarter of the memory traffic.
                 torch.lerp(xs[0], xs[1], lerp_weight, out=out[a - s:b - s])
-                return
-            if recipe.method == "linear":
-                res = (affine_block(xs, recipe.weights, sc) if recipe.normalize
-                       else weighted_sum_block(xs, recipe.weights, sc))
-            elif recipe.method == "slerp":
-                res = weighted_sum_block(xs, coeffs, sc)
             else:
-                res = task_vector_block(recipe, spec, xs, a, b, topks, offsets[j], sc)
-            out[a - s:b - s].copy_(res)
+                if recipe.method == "linear":
+                    res = (affine_block(xs, recipe.weights, sc) if recipe.normalize
+                           else weighted_sum_block(xs, recipe.weights, sc))
+                elif recipe.method == "slerp":
+                    res = weighted_sum_block(xs, coeffs, sc)
+                else:
+                    res = task_vector_block(recipe, spec, xs, a, b, topks, offsets[j], sc)
+                out[a - s:b - s].copy_(res)
+            if refuse_nonfinite is not None and not all_finite(out[a - s:b - s]):
+                raise nonfinite_error(refuse_nonfinite)
 
         map_fn(block, range(len(ranges)))
         yield out

@@ -43,6 +43,7 @@ class MergeConfig:
     dry_run: bool = False
     shard_size: str = "5GB"
     allow_pickle: bool = False
+    allow_nonfinite: bool = False   # write merged tensors holding NaN or inf (refused by default)
     quiet: bool = False
     workers: int | None = None      # compute threads (default: the CPUs this process may use, at most 8)
 

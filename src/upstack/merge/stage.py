@@ -87,7 +87,8 @@ def merge(cfg: MergeConfig) -> dict:
 
     ws = Workspace(default_workers() if cfg.workers is None else cfg.workers)
     pipe = Pipeline(ws)
-    plans, rows, notes = _plan_tensors(pipe, models, method, spec, glob, roles.settings, cfg.seed, out_dtype)
+    plans, rows, notes = _plan_tensors(pipe, models, method, spec, glob, roles.settings, cfg.seed, out_dtype,
+                                       cfg.allow_nonfinite)
     new_config = _output_config(models, out_dtype, notes)
     resolved = resolved_config(cfg, method)
     report = {
@@ -199,7 +200,7 @@ def _output_names(models: _Models) -> list[str]:
 
 
 def _plan_tensors(pipe: Pipeline, models: _Models, method: str, spec: MethodSpec, glob: dict,
-                  settings: list[dict], seed: int, out_dtype: str | None):
+                  settings: list[dict], seed: int, out_dtype: str | None, allow_nonfinite: bool = False):
     """One plan per output tensor (a copy for non-float tensors), with the rows and notes the report shows."""
     plans: list[TensorPlan] = []
     rows: list[dict] = []
@@ -226,7 +227,7 @@ def _plan_tensors(pipe: Pipeline, models: _Models, method: str, spec: MethodSpec
         desc = recipe.describe()
         if name == head and any(models.tied(c) for c in models.merged):
             desc += " (tied models contribute their embedding)"
-        plans.append(tensor_plan(pipe, name, shape, t_dtype, recipe, all_refs, desc))
+        plans.append(tensor_plan(pipe, name, shape, t_dtype, recipe, all_refs, desc, allow_nonfinite))
         rows.append({"name": name, "shape": list(shape), "dtype": t_dtype, "method": method,
                      "params": recipe_params(recipe, spec)})
     if dtype_mix:

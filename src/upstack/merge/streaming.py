@@ -89,6 +89,7 @@ class _Job:
     refs: list[TensorRef]
     numel: int
     out_dtype: str
+    refuse_nonfinite: str | None = None  # the tensor's name, unless non-finite values are allowed
 
 
 class Pipeline:
@@ -160,7 +161,7 @@ class Pipeline:
                 dt = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
                 for out in kernels.compute_chunks(job.recipe, ws.block_reader(job.refs), job.numel,
                                           chunk_elements(job.out_dtype), dt, map_fn=map_fn, alloc=alloc,
-                                          scratch=ws.scratch):
+                                          scratch=ws.scratch, refuse_nonfinite=job.refuse_nonfinite):
                     ready.put(("item", j, (pending.pop(), out)))
                 ready.put(("done", j, None))
                 if halt.is_set():
@@ -202,6 +203,8 @@ class _Stopped(Exception):
 
 
 def tensor_plan(pipe: Pipeline, name: str, shape: tuple, out_dtype: str, recipe: TensorRecipe,
-                 refs: list[TensorRef], description: str) -> TensorPlan:
-    j = pipe.add(_Job(recipe, refs, math.prod(shape), out_dtype))
+                refs: list[TensorRef], description: str, allow_nonfinite: bool = False) -> TensorPlan:
+    """The plan of one merged tensor, streamed by `pipe`; a NaN or inf in it fails the write unless
+    `allow_nonfinite`."""
+    j = pipe.add(_Job(recipe, refs, math.prod(shape), out_dtype, None if allow_nonfinite else name))
     return TensorPlan(name, out_dtype, tuple(shape), description=description, compute=lambda: pipe.stream(j))
