@@ -184,14 +184,25 @@ def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out
             yield (w * (load_tensor(mod.magnitude).float().reshape(-1) / norm)).to(out_dt)
             return
         mag = load_tensor(mod.magnitude).float().reshape(-1) if mod.magnitude is not None else None
-        step = max(1, CHUNK_BYTES // (4 * max(1, base_ref.shape[1])))
+        cols = base_ref.shape[1]
+        step = max(1, min(rows, CHUNK_BYTES // (4 * max(1, cols))))
+        # One set of buffers per tensor, reused chunk after chunk (the writer consumes a chunk before it
+        # asks for the next): raw bytes read, the fp32 sum, the output in its dtype. No temporaries.
+        raw = bytearray(step * base_ref.nbytes // rows)
+        work = torch.empty(step, cols, dtype=torch.float32)
+        out = work if out_dt == torch.float32 else torch.empty(step, cols, dtype=out_dt)
+        left, right = (a.T, b.T) if fan_in_fan_out else (b, a)
         for lo in range(0, rows, step):
             hi = min(rows, lo + step)
-            w = load_tensor(base_ref, (lo, hi)).float()
-            w += mod.scale * ((a.T[lo:hi] @ b.T) if fan_in_fan_out else (b[lo:hi] @ a))
+            w = work[:hi - lo]
+            w.copy_(load_tensor(base_ref, (lo, hi), into=raw))
+            w.addmm_(left[lo:hi], right, alpha=mod.scale)  # W + scale x B @ A, in place
             if mag is not None:
-                w *= (mag[lo:hi] / torch.linalg.norm(w, dim=1)).unsqueeze(1)
-            yield w.to(out_dt)
+                w.mul_((mag[lo:hi] / torch.linalg.norm(w, dim=1)).unsqueeze(1))
+            o = out[:hi - lo]
+            if o is not w:
+                o.copy_(w)
+            yield o
 
     kind = "DoRA" if mod.magnitude is not None else "LoRA"
     return TensorPlan(name, dtype, tuple(base_ref.shape), compute=compute,

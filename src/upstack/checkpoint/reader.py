@@ -333,15 +333,21 @@ def _open_pickled(folder: Path, bin_index: Path):
     return tensors, list(files.values())
 
 
-def read_tensor_bytes(ref: TensorRef, start: int = 0, end: int | None = None) -> bytearray:
-    """Bytes [start, end) of a stored tensor (a fresh buffer, safe to modify)."""
+def read_tensor_bytes(ref: TensorRef, start: int = 0, end: int | None = None, into: bytearray | None = None):
+    """Bytes [start, end) of a stored tensor: a fresh buffer, safe to modify; or, with `into` (a reusable
+    buffer of at least end - start bytes), a memoryview of its first end - start bytes."""
     end = ref.nbytes if end is None else end
     if ref.tensor is not None:
         import torch
 
         flat = ref.tensor.reshape(-1).view(torch.uint8) if ref.tensor.numel() else ref.tensor.reshape(-1)
-        return bytearray(flat[start:end].numpy().tobytes())
-    buf = bytearray(end - start)
+        data = flat[start:end].numpy().tobytes()
+        if into is None:
+            return bytearray(data)
+        view = memoryview(into)[:end - start]
+        view[:] = data
+        return view
+    buf = bytearray(end - start) if into is None else memoryview(into)[:end - start]
     with open(ref.path, "rb") as f:
         f.seek(ref.offset + start)
         got = f.readinto(buf)
@@ -350,8 +356,9 @@ def read_tensor_bytes(ref: TensorRef, start: int = 0, end: int | None = None) ->
     return buf
 
 
-def load_tensor(ref: TensorRef, rows: tuple[int, int] | None = None):
-    """A stored tensor (or rows [a, b) of its first dim) as a torch tensor of its own dtype."""
+def load_tensor(ref: TensorRef, rows: tuple[int, int] | None = None, into: bytearray | None = None):
+    """A stored tensor (or rows [a, b) of its first dim) as a torch tensor of its own dtype; with `into`, a
+    view of that reusable buffer (valid until the buffer is reused)."""
     import torch
 
     if ref.tensor is not None:
@@ -363,7 +370,7 @@ def load_tensor(ref: TensorRef, rows: tuple[int, int] | None = None):
         row_bytes = ref.nbytes // shape[0] if shape and shape[0] else 0
         start, end = rows[0] * row_bytes, rows[1] * row_bytes
         shape[0] = rows[1] - rows[0]
-    buf = read_tensor_bytes(ref, start, end)
+    buf = read_tensor_bytes(ref, start, end, into)
     dt = getattr(torch, TORCH_DTYPE_NAMES[ref.dtype])
     if not buf:
         return torch.empty(shape, dtype=dt)
