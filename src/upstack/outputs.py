@@ -149,8 +149,8 @@ def remove_leftovers(out: str | Path) -> list[Path]:
         else:
             with contextlib.suppress(OSError):
                 p.unlink()
-        who = f" of process {m.group(1)}, which stopped" if m.group(1) else ""
-        log.warning(f"removed {p} ({size / 1e6:.1f} MB), left{who} while writing {out}")
+        who = f"by process {m.group(1)}, no longer running," if m.group(1) else "by an earlier writer"
+        log.warning(f"removed {p.name} ({size / 1e6:.1f} MB), left {who} while writing {out}")
         removed.append(p)
     return removed
 
