@@ -52,6 +52,7 @@ class Run:
     info: dict = field(default_factory=dict)       # facts for the summary (data counts, layers, ...)
     identity: dict = field(default_factory=dict)   # resume_identity: what this run trains, on what
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the work folder's lock
+    locked: bool = False                           # this process holds it (never touch another run's folder)
 
     @property
     def is_main(self) -> bool:
@@ -301,6 +302,7 @@ def start_run(cfg: TrainConfig, stage: str) -> Run:
         _check_accumulation(run)
         if run.is_main:
             run.held.enter_context(output_lock(run.work, "trained"))
+            run.locked = True
             _remove_partial_checkpoints(run.work)
         identity = run.identity = resume_identity(cfg, stage, run.world)
         if run.work.exists() and not cfg.resume:
@@ -323,7 +325,7 @@ def close_run(run: Run, failed: bool = False) -> None:
     the next stage in this process can choose another precision or accumulation."""
     if run.metrics is not None:
         run.metrics.close()
-    if failed and run.is_main and run.work.is_dir() and {p.name for p in run.work.iterdir()} <= _DISPOSABLE:
+    if failed and run.locked and run.work.is_dir() and {p.name for p in run.work.iterdir()} <= _DISPOSABLE:
         shutil.rmtree(run.work, ignore_errors=True)
     run.held.close()  # release the work folder's lock
     acc = run.accelerator
