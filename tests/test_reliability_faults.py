@@ -119,6 +119,15 @@ def sft_rows(path, n=12, answer="It is"):
     return path
 
 
+def sft_command(model_dir, tmp_path, max_steps, save_steps):
+    """(args of an `upstack sft` on 12 rows, its data file, OUT, OUT.work)."""
+    data = sft_rows(tmp_path / "a.jsonl")
+    out = tmp_path / "out"
+    args = ["sft", model_dir, "--data", data, "--out", out, "--max-steps", max_steps, "--save-steps", save_steps,
+            *SFT_ARGS]
+    return args, data, out, tmp_path / "out.work"
+
+
 SFT_ARGS = ["--batch-size", 2, "--max-length", 64, "--lr", "1e-3", "--logging-steps", 1, "--no-tensorboard",
             "--no-packing"]
 
@@ -172,9 +181,7 @@ def test_token_file_rebuilds_when_its_key_differs(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_explicit_resume_with_changed_data_is_refused_naming_the_file(model_dir, tmp_path):
-    data = sft_rows(tmp_path / "a.jsonl")
-    out, work = tmp_path / "out", tmp_path / "out.work"
-    args = ["sft", model_dir, "--data", data, "--out", out, "--max-steps", 6, "--save-steps", 2, *SFT_ARGS]
+    args, data, out, work = sft_command(model_dir, tmp_path, 6, 2)
     p, _ = start(tmp_path, "step:3", "SIGKILL", *args)
     assert finish(p)[0] == -9 and (work / "checkpoint-2").is_dir()
     sft_rows(data, answer="The sum is")
@@ -258,9 +265,7 @@ def test_second_run_of_a_run_folder_is_refused(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_second_training_run_into_the_same_output_is_refused(model_dir, tmp_path):
-    data = sft_rows(tmp_path / "a.jsonl")
-    out = tmp_path / "out"
-    args = ["sft", model_dir, "--data", data, "--out", out, "--max-steps", 3, "--save-steps", 0, *SFT_ARGS]
+    args, data, out, _ = sft_command(model_dir, tmp_path, 3, 0)
     first, flag = start(tmp_path, "step:1", "wait", *args)
     rc, err = cli(*args)
     assert rc == 2 and f"out.work is being trained by process {first.pid}" in err, err
@@ -307,9 +312,7 @@ def test_sigterm_during_a_write_exits_143_and_leaves_nothing(model_dir, tmp_path
 
 @pytest.mark.slow
 def test_sigterm_during_training_saves_a_checkpoint_and_exits_143(model_dir, tmp_path):
-    data = sft_rows(tmp_path / "a.jsonl")
-    out, work = tmp_path / "out", tmp_path / "out.work"
-    args = ["sft", model_dir, "--data", data, "--out", out, "--max-steps", 4, "--save-steps", 0, *SFT_ARGS]
+    args, data, out, work = sft_command(model_dir, tmp_path, 4, 0)
     p, _ = start(tmp_path, "step:2", "SIGTERM", *args)
     rc, err = finish(p)
     assert rc == 143, err
@@ -323,27 +326,28 @@ def test_sigterm_during_training_saves_a_checkpoint_and_exits_143(model_dir, tmp
 # ------------------------------------------------------------------------------------------------
 # Case 11: a full disk
 
-def _enospc(*a, **k):
+def _half_save_then_enospc(self, folder, *a, **k):
+    """A save that writes part of its output, then finds the disk full."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(b"\0" * 1000)
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _sft_on_a_full_disk(model_dir, tmp_path, monkeypatch, cls, method, save_steps):
+    """`upstack sft` with cls.method failing ENOSPC: (exit code, stderr, OUT, OUT.work); one error line."""
+    monkeypatch.setattr(cls, method, _half_save_then_enospc)
+    args, _, out, work = sft_command(model_dir, tmp_path, 4, save_steps)
+    rc, err = cli(*args)
+    monkeypatch.undo()
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err, out, work
 
 
 def test_disk_full_during_a_resumable_checkpoint(model_dir, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    real = Accelerator.save_state
-
-    def half_save(self, folder, *a, **k):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
-            f.write(b"\0" * 1000)
-        _enospc()
-
-    monkeypatch.setattr(Accelerator, "save_state", half_save)
-    data = sft_rows(tmp_path / "a.jsonl")
-    out, work = tmp_path / "out", tmp_path / "out.work"
-    rc, err = cli("sft", model_dir, "--data", data, "--out", out, "--max-steps", 4, "--save-steps", 2, *SFT_ARGS)
-    monkeypatch.setattr(Accelerator, "save_state", real)
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    err, out, work = _sft_on_a_full_disk(model_dir, tmp_path, monkeypatch, Accelerator, "save_state", 2)
     assert "disk full while writing" in err and "checkpoint-2" in err and "GB needed" in err
     assert not list(work.glob("checkpoint-*")) and not out.exists()
 
@@ -351,16 +355,7 @@ def test_disk_full_during_a_resumable_checkpoint(model_dir, tmp_path, monkeypatc
 def test_disk_full_during_the_final_save(model_dir, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
-    def half_save(self, folder, *a, **k):
-        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
-            f.write(b"\0" * 1000)
-        _enospc()
-
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_save)
-    data = sft_rows(tmp_path / "a.jsonl")
-    out = tmp_path / "out"
-    rc, err = cli("sft", model_dir, "--data", data, "--out", out, "--max-steps", 2, "--save-steps", 0, *SFT_ARGS)
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    err, out, _ = _sft_on_a_full_disk(model_dir, tmp_path, monkeypatch, PreTrainedModel, "save_pretrained", 0)
     assert f"disk full while writing {out}" in err and "GB needed" in err
     assert not out.exists() and temp_siblings(out) == []
 
