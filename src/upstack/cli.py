@@ -12,11 +12,14 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
 import upstack.commands
 from upstack import __version__
 from upstack.errors import UpstackError
+from upstack.outputs import Terminated, raise_on_sigterm
 
 
 def _command_modules():
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+    # SIGTERM (kill, a scheduler's preemption) stops like Ctrl-C: partial outputs removed, training saves a
+    # checkpoint; exit 143.
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, raise_on_sigterm) if main_thread else None
     try:
         rc = args.func(args)
     except UpstackError as e:
@@ -63,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("error: interrupted (partial output removed; re-run to resume where supported)", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"error: {what} (partial output removed; re-run to resume where supported)", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return int(rc or 0)
 
 

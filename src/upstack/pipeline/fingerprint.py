@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from upstack.outputs import file_identity
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.report import MARKER
 
@@ -28,12 +29,48 @@ def _fingerprint_path(p: Path) -> str:
     return "missing"
 
 
+def _local_paths(value) -> list[Path]:
+    """The existing files and folders an option value names: paths, data specs ("file.jsonl:format=..."),
+    mappings with a path, lists of those."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _local_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _local_paths(v)]
+    if not isinstance(value, str) or not value or "\n" in value:
+        return []
+    for candidate in (value, value.split(":", 1)[0]):
+        try:
+            p = Path(candidate).expanduser()
+            if p.exists():
+                return [p]
+        except (OSError, ValueError):
+            continue
+    return []
+
+
+def input_files(st: Stage, recipe: Recipe) -> dict[str, str]:
+    """The identity of every local file or folder a stage's options name outside the run folder (data files,
+    a local base model, benchmark files); what is inside the run folder is another stage's output, known
+    by its marker."""
+    run_dir = recipe.run_dir.resolve()
+    found = {}
+    for p in _local_paths(st.resolved):
+        r = p.resolve()
+        if r == run_dir or run_dir in r.parents:
+            continue
+        found[str(p)] = file_identity(p)
+    return found
+
+
 def stage_fingerprint(st: Stage, recipe: Recipe) -> str:
+    """A hash of the stage's type and resolved options, its input stages' fingerprints and the content
+    identity of the files it reads: a changed data file re-runs the stage."""
     h = hashlib.sha256()
     h.update(json.dumps({"type": st.type, "config": st.resolved}, sort_keys=True, default=str).encode())
     for dep in st.deps:
         dep_folder = recipe.stages[dep].folder
         h.update(f"{dep}={_fingerprint_path(dep_folder)}".encode())
+    h.update(json.dumps(input_files(st, recipe), sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 

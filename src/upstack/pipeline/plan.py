@@ -107,6 +107,20 @@ def estimate_upscale(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
                 "disk_bytes": rep["output_bytes"], "config": _remapped_config(read_config(cfg_dir), opts)}
 
 
+def _local_model(source) -> dict:
+    """The estimate of a model named by folder (or a KNOWN_CONFIGS hub id) rather than by an earlier stage:
+    parameters from its config.json, disk size from its weight files (else 4 bytes a parameter)."""
+    if not isinstance(source, str):
+        return {}
+    with _config_folder_for(source) as folder:
+        if folder is None:
+            return {}
+        cfg = read_config(folder)
+        p = count_parameters_from_config(cfg)
+        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        return {"config": cfg, "num_parameters": p, "num_hidden_layers": _layers(cfg), "disk_bytes": weights or p * 4}
+
+
 def _inherit(st: Stage, recipe: Recipe, sizes: Estimates, keys: tuple[str, ...]) -> dict:
     src = _input_estimate(st, recipe, sizes, _model_input(st.resolved)) or {}
     return {k: src[k] for k in keys if k in src}
@@ -117,14 +131,49 @@ def train_memory_bytes(num_parameters: int, with_reference: bool = False) -> int
     return num_parameters * TRAIN_BYTES_PER_PARAM + (num_parameters * 2 if with_reference else 0)
 
 
+def checkpoint_bytes(num_parameters: int, opts: dict) -> int:
+    """The resumable checkpoints a training stage keeps in its work folder at once: each holds the weights
+    as trained (fp32, or bf16 with dtype: bf16) and, unless LoRA, two fp32 Adam moments per parameter;
+    save_total_limit of them, plus the one being written before the oldest is dropped (one only, on
+    Ctrl-C, when save_steps is 0)."""
+    weight = 2 if str(opts.get("dtype", "fp32")).lower() in ("bf16", "bfloat16") else 4
+    lora = opts.get("lora") or opts.get("qlora")
+    per_param = weight + (0 if lora else 8)
+    copies = int(opts.get("save_total_limit", 2)) + 1 if opts.get("save_steps", 500) else 1
+    return num_parameters * per_param * copies
+
+
+CHARS_PER_TOKEN = 3  # a conservative average (English text runs at about 4 bytes per token)
+
+
+def token_cache_bytes(opts: dict, vocab_size: int | None) -> int:
+    """pretrain's token files (training and eval text): about one token per CHARS_PER_TOKEN bytes of the
+    local data files, at 2 bytes a token (4 when the vocabulary passes 65,536)."""
+    total = 0
+    for item in list(opts.get("data") or []) + list(opts.get("eval_data") or []):
+        path = Path(str(item.get("path") if isinstance(item, dict) else item).split(":", 1)[0]).expanduser()
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+        total += sum(f.stat().st_size for f in files)
+    return total // CHARS_PER_TOKEN * (4 if (vocab_size or 0) > 1 << 16 else 2)
+
+
 def estimate_training(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
     """pretrain, sft, dpo: the input model's size (saved in its dtype) and the training memory.
-    DPO keeps a frozen reference in bf16 unless reference log-probs are precomputed."""
-    info = _inherit(st, recipe, sizes, MODEL_KEYS + ("disk_bytes",))
+    DPO keeps a frozen reference in bf16 unless reference log-probs are precomputed. work_bytes: what
+    the work folder holds besides (resumable checkpoints, pretrain's token files)."""
+    info = _inherit(st, recipe, sizes, MODEL_KEYS + ("disk_bytes",)) or _local_model(_model_input(st.resolved))
     if "num_parameters" in info:
         reference = st.type == "dpo" and not st.resolved.get("precompute_ref", True)
         info["train_memory_bytes"] = train_memory_bytes(info["num_parameters"], reference)
+        info["work_bytes"] = checkpoint_bytes(info["num_parameters"], st.resolved)
+        if st.type == "pretrain":
+            info["work_bytes"] += token_cache_bytes(st.resolved, (info.get("config") or {}).get("vocab_size"))
     return info
+
+
+def disk_need(est: dict) -> int:
+    """What a stage needs free while it runs: its output plus its work folder."""
+    return int(est.get("disk_bytes") or 0) + int(est.get("work_bytes") or 0)
 
 
 def estimate_merge(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -10,9 +11,9 @@ import time
 
 from upstack.config import config_from_dict, config_to_dict
 from upstack.errors import ConfigError, UpstackError
-from upstack.outputs import write_text_atomic
+from upstack.outputs import output_lock, write_text_atomic
 from upstack.pipeline.fingerprint import stage_done, stage_fingerprint
-from upstack.pipeline.plan import estimate_stage
+from upstack.pipeline.plan import disk_need, estimate_stage
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import DISTRIBUTED_STAGES, STAGE_TYPES, field_names, load_ref
 from upstack.report import MARKER, write_report
@@ -25,8 +26,8 @@ def _check_disk(st: Stage, need_bytes: int | None) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
     if free < need_bytes * 1.1:
-        raise UpstackError(f"stage {st.name!r}: needs about {need_bytes / 1e9:.2f} GB in {parent}, "
-                           f"only {free / 1e9:.2f} GB free")
+        raise UpstackError(f"stage {st.name!r}: needs about {need_bytes / 1e9:.2f} GB in {parent} (its output, "
+                           f"and for training its checkpoints and token files), only {free / 1e9:.2f} GB free")
 
 
 def _process_state():
@@ -74,6 +75,13 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     main = state is None or state.is_main_process
     force = _forced_stages(recipe, from_stage, only)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    # One `upstack run` per run folder: the main process holds its lock until the last stage is done.
+    with output_lock(recipe.run_dir, "run") if main else contextlib.nullcontext():
+        return _run_stages(recipe, state, force, only, quiet, report, log)
+
+
+def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet: bool, report: bool, log) -> dict:
+    main = state is None or state.is_main_process
     if main:
         (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
     summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
@@ -88,11 +96,11 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
             continue
         log(f"[{st.name}] running {st.type} -> {st.folder}")
         if state is None:
-            _check_disk(st, sizes[st.name].get("disk_bytes"))
+            _check_disk(st, disk_need(sizes[st.name]))
             _run_stage(st, recipe, quiet)
         else:
             if main:
-                _check_disk(st, sizes[st.name].get("disk_bytes"))
+                _check_disk(st, disk_need(sizes[st.name]))
             if main or st.type in DISTRIBUTED_STAGES:
                 _run_stage(st, recipe, quiet, write_marker=main)
             state.wait_for_everyone()

@@ -12,30 +12,57 @@ from upstack.checkpoint import (
 )
 from upstack.config import config_to_dict
 from upstack.lm import read_upstack_json
-from upstack.outputs import atomic_output_dir
+from upstack.outputs import atomic_output_dir, disk_full_error, is_disk_full
 from upstack.train.lora import ADAPTER_DIR, peft_model_of
 from upstack.train.run import Run, list_checkpoints
 
 
 def save_checkpoint(run: Run, step: int, extra: dict) -> None:
     """accelerate's save_state (model, optimizer, RNG; sharded under FSDP/ZeRO) + trainer_state.json,
-    into checkpoint-<step>.tmp renamed at the end, so a crash mid-save never leaves a broken latest one."""
+    into checkpoint-<step>.tmp renamed at the end, so a crash mid-save never leaves a broken latest one.
+    Any failure removes the partial folder; a full disk is one DiskFullError naming it and the space needed."""
     acc = run.accelerator
     final = run.work / f"checkpoint-{step}"
     tmp = run.work / f"checkpoint-{step}.tmp"
     if run.is_main and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if run.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
+    except BaseException as e:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(final, checkpoint_bytes(acc)) from None
+        raise
     if run.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         for _, old in list_checkpoints(run.work)[:-max(1, run.cfg.save_total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def checkpoint_bytes(acc) -> int:
+    """About what one resumable checkpoint takes: the weights as held, plus two fp32 Adam moments per
+    trained parameter (what save_state writes, RNG states aside)."""
+    total = 0
+    for model in getattr(acc, "_models", []):
+        for p in model.parameters():
+            total += p.numel() * p.element_size() + (p.numel() * 8 if p.requires_grad else 0)
+    return total
+
+
+def _saved_bytes(model, save_dtype: str) -> int:
+    """About what the final model takes on disk in `save_dtype`."""
+    import torch
+
+    size = torch.empty(0, dtype=getattr(torch, save_dtype)).element_size()
+    return sum(p.numel() for p in model.parameters()) * size
 
 
 def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -> dict:
@@ -58,7 +85,8 @@ def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -
             summary["adapter"] = str(run.out / ADAPTER_DIR)
         run.metrics.write({"type": "summary", **{k: v for k, v in summary.items() if k != "data"}})
         run.metrics.close()
-        with atomic_output_dir(run.out, overwrite=cfg.overwrite) as tmp:
+        need = _saved_bytes(acc.unwrap_model(model), save_dtype)
+        with atomic_output_dir(run.out, overwrite=cfg.overwrite, need_bytes=need) as tmp:
             if peft is not None:
                 _save_adapter_output(run, peft, tmp, save_dtype, state_dict)
             else:

@@ -39,7 +39,7 @@ from upstack.train.inputs import load_chat_data
 from upstack.train.lora import AdapterDisabled, lora_enabled
 from upstack.train.loop import Task, train_loop
 from upstack.train.model import load_training_model, prepare_model, trainable_model
-from upstack.train.run import Run, seed_everything, start_run
+from upstack.train.run import Run, identity_key, seed_everything, start_run
 from upstack.train.schedule import EpochOrder, global_batch_size, total_steps
 
 log = logging.getLogger("upstack.train")
@@ -274,11 +274,14 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
 
     cfg = run.cfg
     path = run.work / "ref_logps.safetensors"
+    key = identity_key(run.identity)  # model, reference, data files, template, max_length, seed, ...
     if path.is_file():
         cached = load_file(str(path))
-        if cached["train"].shape[0] == n_train and cached.get("eval", torch.zeros(0, 2)).shape[0] == n_eval:
+        if (_cache_key(path) == key and cached["train"].shape[0] == n_train
+                and cached.get("eval", torch.zeros(0, 2)).shape[0] == n_eval):
             run.log(f"reference log-probs from {path}")
             return {"train": cached["train"], "eval": cached.get("eval")}
+        run.log(f"{path} was scored for other inputs or options; scoring again")
     steps = total_steps(cfg, n_train, run.world)
     used = sorted(set(EpochOrder(n_train, cfg.seed).take(0, steps * global_batch_size(cfg, run.world))))
     if run.resume_from is not None and not cfg.ref_model:
@@ -306,9 +309,17 @@ def _reference_logps(run: Run, model, ref_path: str, collate, eval_collate, n_tr
             torch.cuda.empty_cache()
     if run.is_main:
         with atomic_file(path) as tmp:
-            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
+            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp), metadata={"key": key})
     run.accelerator.wait_for_everyone()
     return {"train": result["train"], "eval": result.get("eval")}
+
+
+def _cache_key(path) -> str | None:
+    """The inputs key a reference log-prob file was written with (None for one written before keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("key")
 
 
 def _margin(metrics: dict, prefix: str) -> dict:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from upstack.lm import to_device
+from upstack.outputs import Terminated
 from upstack.train.checkpointing import save_checkpoint
 from upstack.train.metrics import Derive, averaged, peak_rss_mb
 from upstack.train.run import Run
@@ -288,7 +289,7 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
                 for callback in STEP_CALLBACKS:
                     callback(run, done)
                 if _save_or_stop(run, stop, done, steps, progress):
-                    raise KeyboardInterrupt
+                    raise Terminated() if stop.signum == signal.SIGTERM else KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         if progress.last_saved > 0:

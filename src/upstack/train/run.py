@@ -1,11 +1,14 @@
 """One training run: its folders (`<out>.work` beside the output), accelerator, resume decision and teardown.
 
 A run is resumable when its work folder holds a checkpoint and its run.json identity (stage, the
-options that change what is trained, a fingerprint of the model, the process count) matches.
+options that change what is trained, fingerprints of the model and of the data files, the process count)
+matches. The main process holds the work folder's lock (`.OUT.work.lock`) for the whole run: a second
+run into the same OUT is refused, naming the first one's PID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,10 +20,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from upstack.config import config_to_dict
-from upstack.errors import CheckpointError, ConfigError, OutputExistsError
+from upstack.errors import CheckpointError, ConfigError, OutputExistsError, UpstackError
 from upstack.lm import check_model_path
-from upstack.outputs import check_output_free
-from upstack.train.config import TrainConfig
+from upstack.data.sources import resolve_files
+from upstack.outputs import check_output_free, file_identity, output_lock
+from upstack.train.config import TrainConfig, train_and_eval_specs
 from upstack.train.layers import check_train_layers
 from upstack.train.metrics import MetricsLog
 
@@ -46,6 +50,9 @@ class Run:
     state: dict = field(default_factory=dict)
     metrics: Optional[MetricsLog] = None
     info: dict = field(default_factory=dict)       # facts for the summary (data counts, layers, ...)
+    identity: dict = field(default_factory=dict)   # resume_identity: what this run trains, on what
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the work folder's lock
+    locked: bool = False                           # this process holds it (never touch another run's folder)
 
     @property
     def is_main(self) -> bool:
@@ -87,33 +94,55 @@ def work_dir_for(out: str | Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def _file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
-            h.update(f.read())
-    return h.hexdigest()[:16]
-
-
 def model_fingerprint(path: str) -> dict:
-    """What identifies a model for --resume: config.json, tokenizer files and weight files (size, first/last MiB)."""
+    """What identifies a model for --resume: config.json, tokenizer files and weight files."""
     p = Path(path)
     if not p.is_dir():
         return {"id": path}
     files = sorted(f for f in p.iterdir() if f.is_file() and (
         f.suffix == ".safetensors" or f.name in ("config.json", "special_tokens_map.json", "chat_template.jinja")
         or f.name.startswith("tokenizer")))
-    return {f.name: _file_fingerprint(f) for f in files}
+    return {f.name: file_identity(f) for f in files}
+
+
+def tokenizer_fingerprint(path: str) -> dict:
+    """The part of model_fingerprint that decides tokenization (for token caches)."""
+    return {k: v for k, v in model_fingerprint(path).items() if not k.endswith(".safetensors") and k != "config.json"}
+
+
+def data_fingerprint(specs: list) -> list:
+    """For each data spec, the identity of every local file it reads ({path: identity}); a hub dataset by
+    its spec alone. Used by resumes and token/log-prob caches: an edited file changes it."""
+    out = []
+    for spec in specs:
+        try:
+            files = resolve_files(spec, text=True)
+        except UpstackError as e:  # the stage reports it when it loads the data
+            out.append({spec.path: f"unreadable: {e}"})
+            continue
+        out.append({spec.path: "hub"} if files is None else {str(f): file_identity(f) for f in files})
+    return out
+
+
+def inputs_fingerprint(cfg: TrainConfig) -> dict:
+    """The data files (training and eval) and a reference model of a run, by content identity."""
+    specs, eval_specs = train_and_eval_specs(cfg)
+    found = {"data": data_fingerprint(specs), "eval_data": data_fingerprint(eval_specs)}
+    if getattr(cfg, "ref_model", None):
+        found["ref_model"] = model_fingerprint(cfg.ref_model)
+    return found
 
 
 def resume_identity(cfg: TrainConfig, stage: str, world_size: int) -> dict:
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
-    identity = {"stage": stage, "config": conf, "model": model_fingerprint(cfg.model), "world_size": world_size}
+    identity = {"stage": stage, "config": conf, "model": model_fingerprint(cfg.model),
+                "inputs": inputs_fingerprint(cfg), "world_size": world_size}
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
+
+
+def identity_key(identity: dict) -> str:
+    """A short hash of an identity (or any JSON-able key), recorded beside a cache it made."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def identity_diff(old: dict, new: dict) -> str:
@@ -123,6 +152,7 @@ def identity_diff(old: dict, new: dict) -> str:
         diffs.append(f"stage {old.get('stage')} -> {new.get('stage')}")
     if old.get("model") != new.get("model"):
         diffs.append("the model's weights or config.json changed")
+    diffs += _inputs_diff(old.get("inputs", {}), new.get("inputs", {}))
     for k in sorted(set(old.get("config", {})) | set(new.get("config", {}))):
         a, b = old.get("config", {}).get(k), new.get("config", {}).get(k)
         if a != b:
@@ -130,6 +160,23 @@ def identity_diff(old: dict, new: dict) -> str:
     if old.get("world_size") != new.get("world_size"):
         diffs.append(f"processes: {old.get('world_size')} -> {new.get('world_size')}")
     return "; ".join(diffs)
+
+
+def _inputs_diff(old: dict, new: dict) -> list[str]:
+    """Which data files (or the reference model) differ between two identities' inputs."""
+    diffs = []
+    for key in ("data", "eval_data"):
+        a, b = old.get(key, []), new.get(key, [])
+        if a == b:
+            continue
+        if len(a) != len(b) or [list(x) for x in a] != [list(x) for x in b]:
+            diffs.append(f"{key}: other files")
+            continue
+        for fa, fb in zip(a, b):
+            diffs += [f"{key} file {f} changed" for f in fb if fa.get(f) != fb.get(f)]
+    if old.get("ref_model") != new.get("ref_model"):
+        diffs.append("the reference model changed")
+    return diffs
 
 
 def list_checkpoints(work: Path) -> list[tuple[int, Path]]:
@@ -200,7 +247,7 @@ def _check_resume_identity(run: Run, identity: dict) -> None:
     work = run.work
     diff = identity_diff(_read_identity(work / "run.json"), identity)
     if diff and not run.cfg.overwrite:
-        raise CheckpointError(f"cannot --resume from {work}: it belongs to a run of another model or "
+        raise CheckpointError(f"cannot --resume from {work}: it belongs to a run of another model, data or "
                               f"config ({diff}); use --overwrite to start over")
     if diff:  # --resume --overwrite: continue when possible, else start over
         run.log(f"{work} belongs to another run ({diff}); starting over")
@@ -236,6 +283,14 @@ def _open_work_dir(run: Run, identity: dict) -> None:
                              run.state.get("step") if run.resume_from else None)
 
 
+def _remove_partial_checkpoints(work: Path) -> None:
+    """checkpoint-N.tmp folders a killed run left (the lock is held, so no live run is writing them)."""
+    if work.is_dir():
+        for d in work.glob("checkpoint-*.tmp"):
+            log.warning(f"removed the partial checkpoint {d} of a run that stopped mid-save")
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def start_run(cfg: TrainConfig, stage: str) -> Run:
     """Check the output and work folders, create the Accelerator, decide fresh start vs resume."""
     out = Path(cfg.out)
@@ -245,7 +300,11 @@ def start_run(cfg: TrainConfig, stage: str) -> Run:
     run = Run(cfg, stage, _make_accelerator(cfg), out, work_dir_for(out))
     try:
         _check_accumulation(run)
-        identity = resume_identity(cfg, stage, run.world)
+        if run.is_main:
+            run.held.enter_context(output_lock(run.work, "trained"))
+            run.locked = True
+            _remove_partial_checkpoints(run.work)
+        identity = run.identity = resume_identity(cfg, stage, run.world)
         if run.work.exists() and not cfg.resume:
             _clear_for_fresh_start(run, identity)
         if cfg.resume and run.work.exists() and (run.work / "run.json").is_file():
@@ -266,8 +325,9 @@ def close_run(run: Run, failed: bool = False) -> None:
     the next stage in this process can choose another precision or accumulation."""
     if run.metrics is not None:
         run.metrics.close()
-    if failed and run.is_main and run.work.is_dir() and {p.name for p in run.work.iterdir()} <= _DISPOSABLE:
+    if failed and run.locked and run.work.is_dir() and {p.name for p in run.work.iterdir()} <= _DISPOSABLE:
         shutil.rmtree(run.work, ignore_errors=True)
+    run.held.close()  # release the work folder's lock
     acc = run.accelerator
     acc.free_memory()  # drop its references to the model and optimizer (and empty the CUDA cache)
     if acc.num_processes > 1:
