@@ -6,7 +6,7 @@ from upstack.arch import get_arch, remap_config
 from upstack.base import BaseConfig, model_config_dict
 from upstack.config import config_from_dict
 from upstack.pipeline import load_recipe, plan_recipe
-from upstack.pipeline.plan import BASE_VOCAB_SIZE, train_memory_bytes
+from upstack.pipeline.plan import BASE_VOCAB_SIZE
 from upstack.upscale import count_parameters_from_config, make_layer_plan
 
 
@@ -45,13 +45,19 @@ def test_training_and_eval_estimates_follow_their_input(tmp_path):
     p = rows["upscale"]["num_parameters"]
     for stage in ("pretrain", "sft_math", "dpo"):  # dpo precomputes reference log-probs: no reference model
         assert rows[stage]["num_parameters"] == p
-        assert rows[stage]["train_memory_bytes"] == 18 * p
-    assert rows["base_more"]["train_memory_bytes"] == 18 * rows["base"]["num_parameters"]
+        memory = rows[stage]["memory"]
+        assert rows[stage]["train_method"] == "full" and rows[stage]["train_memory_bytes"] == memory["full"]["total"]
+        assert memory["full"]["total"] > 16 * p  # fp32 weights, gradients, two moments, plus activations
+        assert memory["qlora"]["total"] < memory["lora"]["total"]  # bf16 activations (at this size LoRA's dropout
+        # copies outweigh the full model's optimizer state, so LoRA is not below full here)
+        assert memory["lora"]["gpus_24gb"] == 1
+    assert rows["sft_lora"]["train_method"] == "lora"
+    assert rows["sft_lora"]["train_memory_bytes"] == rows["sft_lora"]["memory"]["lora"]["total"]
+    assert rows["base_more"]["train_memory_bytes"] < rows["pretrain"]["train_memory_bytes"]  # 8 vs 12 layers
     assert rows["merge_avg"]["num_parameters"] == p and "train_memory_bytes" not in rows["merge_avg"]
     assert rows["eval_dpo"]["inference_memory_bytes"] == 2 * p
     assert rows["contamination"]["inference_memory_bytes"] == 4 * p
     assert "num_parameters" not in rows["data"] and not any(r["done"] for r in rows.values())
-    assert train_memory_bytes(10, with_reference=True) == 200
 
 
 def test_upscale_of_a_hub_model_uses_its_known_config(tmp_path):

@@ -91,17 +91,23 @@ def _print_plan(recipe, rows, as_json: bool) -> None:
             "done" if r["done"] else "to run",
         ])
     print(format_table(["stage", "type", "inputs", "layers", "params", "disk", "GPU memory", "status"], table))
-    launch = recipe.raw.get("launch")
-    print("\nGPU memory: training state (bf16 weights, fp32 grads + AdamW, ~18 B/param; + the reference for "
-          "DPO unless precomputed), to divide over the GPUs with FSDP/ZeRO-3, plus activations; inference: bf16 "
-          "weights (contamination holds two models).")
-    if any(r.get("train_memory_bytes", 0) > 40e9 for r in rows):
+    trained = [r for r in rows if r.get("memory")]
+    if trained:
+        print("\ntraining memory per process (docs/training.md: the memory plan), and GPUs needed under FSDP on "
+              "24 GB / 80 GB cards (-: does not fit):")
+        mem_rows = [[r["stage"], r["train_method"], *(
+            f"{human_bytes(m['total'])} ({m['gpus_24gb'] or '-'} / {m['gpus_80gb'] or '-'})"
+            for m in (r["memory"][k] for k in ("full", "lora", "qlora")))] for r in trained]
+        print(format_table(["stage", "method", "full", "LoRA", "QLoRA"], mem_rows))
+    print("\nGPU memory: the training stage's own method (full, LoRA or QLoRA) per process at its batch and length, "
+          "activations included; inference: bf16 weights (contamination holds two models).")
+    if any((r.get("memory") or {}).get(r.get("train_method"), {}).get("gpus_80gb") != 1 for r in trained):
         print("\ntraining stages need more than one GPU's memory: run the recipe under accelerate, e.g.\n"
               "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m upstack.cli run "
               f"{recipe.path}\n(multi-node: add --num_machines N --machine_rank R --main_process_ip HOST; "
               "see docs/training.md)")
-    elif launch:
-        print(f"\nlaunch: {launch}")
+    elif recipe.raw.get("launch"):
+        print(f"\nlaunch: {recipe.raw.get('launch')}")
 
 
 def run_run(args) -> int:

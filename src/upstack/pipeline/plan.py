@@ -20,7 +20,8 @@ from upstack.config import config_from_dict
 from upstack.errors import UpstackError
 from upstack.pipeline.fingerprint import stage_done
 from upstack.pipeline.recipe import Recipe, Stage
-from upstack.pipeline.stages import field_names
+from upstack.pipeline.stages import STAGE_TYPES, field_names, load_ref
+from upstack.train.memory import gpus_needed, stage_memory_plan
 from upstack.upscale import UpscaleConfig, count_parameters_from_config, make_layer_plan, upscale
 
 # Public hyperparameters of models a recipe names by hub id, so that `run --dry-run` can plan offline
@@ -36,7 +37,7 @@ KNOWN_CONFIGS = {
 }
 
 BASE_VOCAB_SIZE = 512            # the base stage's tokenizer does not exist before the run: the demo's size
-TRAIN_BYTES_PER_PARAM = 18       # bf16 weights + fp32 grads + AdamW fp32 moments + fp32 master copy
+GPU_SIZES_GB = (24, 80)          # the dry run says how many GPUs of these sizes each training method needs
 INFERENCE_BYTES_PER_PARAM = 2    # bf16 weights
 MODEL_KEYS = ("num_parameters", "config", "num_hidden_layers")  # what a stage inherits from its input model
 
@@ -126,9 +127,19 @@ def _inherit(st: Stage, recipe: Recipe, sizes: Estimates, keys: tuple[str, ...])
     return {k: src[k] for k in keys if k in src}
 
 
-def train_memory_bytes(num_parameters: int, with_reference: bool = False) -> int:
-    """Training state (~18 bytes/param, plus activations); a DPO reference model adds bf16 weights."""
-    return num_parameters * TRAIN_BYTES_PER_PARAM + (num_parameters * 2 if with_reference else 0)
+def training_memory(st: Stage, config: dict) -> dict:
+    """The training stage's memory plan (train.memory) from its options and its input model's config:
+    {"train_method", "train_memory_bytes" (the stage's own method), "memory": {method: {total, gpus}}}."""
+    cfg = config_from_dict(load_ref(STAGE_TYPES[st.type].config), st.resolved, f"stage {st.name!r}")
+    plan = stage_memory_plan(cfg, st.type, config)
+    method = "qlora" if cfg.qlora else "lora" if cfg.lora else "full"
+    memory = {}
+    for name, entry in plan["methods"].items():
+        sharded = entry["weights"] + entry["gradients"] + entry["optimizer"]
+        memory[name] = {"total": entry["total"],
+                        **{f"gpus_{gb}gb": gpus_needed(sharded, entry["activations"] + entry["logits"], gb * 10**9)
+                           for gb in GPU_SIZES_GB}}
+    return {"train_method": method, "train_memory_bytes": plan["methods"][method]["total"], "memory": memory}
 
 
 def checkpoint_bytes(num_parameters: int, opts: dict) -> int:
@@ -158,13 +169,13 @@ def token_cache_bytes(opts: dict, vocab_size: int | None) -> int:
 
 
 def estimate_training(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
-    """pretrain, sft, dpo: the input model's size (saved in its dtype) and the training memory.
-    DPO keeps a frozen reference in bf16 unless reference log-probs are precomputed. work_bytes: what
+    """pretrain, sft, dpo: the input model's size (saved in its dtype) and the training memory plan of
+    train.memory for full, LoRA and QLoRA training (docs/training.md gives the formula). work_bytes: what
     the work folder holds besides (resumable checkpoints, pretrain's token files)."""
     info = _inherit(st, recipe, sizes, MODEL_KEYS + ("disk_bytes",)) or _local_model(_model_input(st.resolved))
     if "num_parameters" in info:
-        reference = st.type == "dpo" and not st.resolved.get("precompute_ref", True)
-        info["train_memory_bytes"] = train_memory_bytes(info["num_parameters"], reference)
+        if info.get("config"):
+            info.update(training_memory(st, info["config"]))
         info["work_bytes"] = checkpoint_bytes(info["num_parameters"], st.resolved)
         if st.type == "pretrain":
             info["work_bytes"] += token_cache_bytes(st.resolved, (info.get("config") or {}).get("vocab_size"))
