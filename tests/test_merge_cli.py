@@ -242,6 +242,7 @@ method: average
     assert any(g["group"] == "model.layers.*.mlp.up_proj.weight" and g["tensors"] == 2 for g in report["groups"])
     assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "m"), "-q"]) == 0
     assert main(["merge", models["a"], models["b"], "--method", "linear", "--out", str(tmp_path / "f"), "-q"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'm'}", f"wrote {tmp_path / 'f'}"]  # -q: no table
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "f" / "model.safetensors").read_bytes()
     assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "m"), "--dry-run"]) == 0
     text = capsys.readouterr().out

@@ -226,3 +226,25 @@ def test_inspect_and_verify_report(tmp_path, capsys, src):
     assert main(["verify", str(src), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]
     run_err(capsys, ["inspect", str(tmp_path / "missing")], "no such folder")
+
+
+def test_m_with_layers_is_refused_and_a_shrinking_plan_is_flagged(tmp_path, capsys, src):
+    run_err(capsys, ["upscale", str(src), str(tmp_path / "o"), "--m", "1", "--layers", "0-3"],
+            "--m with --layers")
+    assert no_leftovers(tmp_path, "o")
+    assert main(["upscale", str(src), str(tmp_path / "small"), "--m", "3", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_hidden_layers"] == 2 and any("does not up-scale" in n for n in report["notes"])
+    assert main(["upscale", str(src), str(tmp_path / "small"), "--m", "3", "--dry-run"]) == 0
+    assert "note: the output has 2 layers, not more than the source's 4" in capsys.readouterr().out
+
+
+def test_config_only_dry_run_counts_the_shards_the_writer_would_write(tmp_path, capsys):
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000, "dtype": "bfloat16"}))
+    assert main(["upscale", str(d), str(tmp_path / "o"), "--m", "8", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_parameters"] == 10_731_524_096 and report["num_shards"] == 5  # 21.5 GB in 5 GB shards

@@ -8,6 +8,7 @@ imports heavy libraries (torch, transformers) only inside the function that runs
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -43,12 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _command_modules():
         mod.register(sub, common)
+    parser.set_defaults(subcommands=sub.choices)
     return parser
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, args, extras: list[str]) -> None:
+    """Unknown arguments after a subcommand: that subcommand's usage and a "did you mean" (exit 2)."""
+    sub = (getattr(args, "subcommands", None) or {}).get(getattr(args, "command", None), parser)
+    options = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]}?")
+    sub.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _unknown_arguments(parser, args, extras)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -53,6 +53,10 @@ def check_upscale_config(cfg: UpscaleConfig) -> None:
     if cfg.dtype:
         normalize_dtype(cfg.dtype)
     if cfg.layers:
+        given = [flag for flag, value in (("--m", cfg.m), ("--every", cfg.every)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} with --layers: --layers gives the whole layer order, so "
+                              f"{' and '.join(given)} would be ignored; give one or the other")
         parse_layer_ranges(cfg.layers)
     elif cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
@@ -213,6 +217,7 @@ def upscale(cfg: UpscaleConfig) -> dict:
     set_config_dtype(new_config, dtype)
     changes = {k: {"from": ckpt.config.get(k), "to": v} for k, v in new_config.items() if ckpt.config.get(k) != v}
 
+    plans_by_shape: list[TensorPlan] = []
     if ckpt.tensors:
         plans = plan_tensors(ckpt, arch, layer_plan, dtype)
         num_params = sum(p.numel for p in plans)
@@ -224,13 +229,19 @@ def upscale(cfg: UpscaleConfig) -> dict:
         source_params = count_parameters_from_config(ckpt.config)
         out_dtype = dtype or _config_dtype(ckpt.config) or "F32"
         output_bytes = num_params * DTYPE_SIZES[out_dtype]
+        shapes = {k: tuple(v.shape) for k, v in meta_model(new_config).state_dict().items()}
+        plans_by_shape = [TensorPlan(k, out_dtype, shape, compute=iter) for k, shape in shapes.items()]
+    if len(layer_plan.layer_map) <= n:
+        note = (f"the output has {len(layer_plan.layer_map)} layers, not more than the source's {n}: "
+                f"{layer_plan.description} does not up-scale")
+        notes.append(note)
     report = {
         "source": str(cfg.source), "out": str(out), "method": "layers" if cfg.layers else cfg.method,
         "description": layer_plan.description, "model_type": ckpt.config.get("model_type"),
         "source_num_hidden_layers": n, "num_hidden_layers": len(layer_plan.layer_map),
         "layer_map": layer_plan.layer_map, "new_layers": layer_plan.new_layers,
         "source_parameters": source_params, "num_parameters": num_params, "output_bytes": output_bytes,
-        "num_tensors": len(plans), "num_shards": _count_shards(plans, shard_size),
+        "num_tensors": len(plans), "num_shards": _count_shards(plans or plans_by_shape, shard_size),
         "config_changes": changes, "notes": notes, "dry_run": cfg.dry_run,
     }
     if cfg.dry_run:

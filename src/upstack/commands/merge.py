@@ -153,6 +153,9 @@ def run_merge(args) -> int:
     if args.json:
         print_json(report)
         return 0
+    if args.quiet:  # the result only: no tables or notes
+        print("dry run: nothing written" if report["dry_run"] else f"wrote {report['out']}")
+        return 0
     what = f"{report['method']} of {len(report['models'])} model(s)"
     if report["base"]:
         what += f" with base {report['base']}"
