@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import shutil
+import threading
 import time
 
 from upstack.config import config_from_dict, config_to_dict
@@ -95,21 +96,50 @@ def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet:
             summary["stages"][st.name] = "skipped"
             continue
         log(f"[{st.name}] running {st.type} -> {st.folder}")
-        if state is None:
-            _check_disk(st, disk_need(sizes[st.name]))
-            _run_stage(st, recipe, quiet)
-        else:
-            if main:
+        started = time.time()
+        with _heartbeat(st.name, log if main else None):
+            if state is None:
                 _check_disk(st, disk_need(sizes[st.name]))
-            if main or st.type in DISTRIBUTED_STAGES:
-                _run_stage(st, recipe, quiet, write_marker=main)
-            state.wait_for_everyone()
+                _run_stage(st, recipe, quiet)
+            else:
+                if main:
+                    _check_disk(st, disk_need(sizes[st.name]))
+                if main or st.type in DISTRIBUTED_STAGES:
+                    _run_stage(st, recipe, quiet, write_marker=main)
+                state.wait_for_everyone()
+        log(f"[{st.name}] done in {time.time() - started:.0f} s")
         summary["stages"][st.name] = "ran"
         if report and main:
             write_report(recipe.run_dir, recipe)
     if report and main and "ran" not in summary["stages"].values():
         write_report(recipe.run_dir, recipe)  # nothing ran: the report still reflects this version's format
     return summary
+
+
+HEARTBEAT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def _heartbeat(name: str, log, every: float | None = None):
+    """A line every `every` seconds while a stage runs, so a long stage with no progress bar is not silent."""
+    if log is None:
+        yield
+        return
+    every = every or HEARTBEAT_SECONDS
+    stop = threading.Event()
+    started = time.time()
+
+    def beat():
+        while not stop.wait(every):
+            log(f"[{name}] still running ({time.time() - started:.0f} s)")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _run_stage(st: Stage, recipe: Recipe, quiet: bool, write_marker: bool = True) -> None:
