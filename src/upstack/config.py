@@ -83,6 +83,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str) and getattr(tp, "FROM_STRING", None):  # a bare name for its main field
+            return tp(**{tp.FROM_STRING: value})
         return config_from_dict(tp, value, where)
     return value
 

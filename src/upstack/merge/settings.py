@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from upstack.arch import GENERIC, split_layer_name
 from upstack.config import config_from_dict
@@ -19,8 +19,10 @@ BOOL_PARAMS = ("normalize", "rescale")
 
 @dataclasses.dataclass
 class ModelEntry:
-    """One input model: a checkpoint folder, and its own parameters (mergekit: `parameters`)."""
+    """One input model: a checkpoint folder, and its own parameters (mergekit: `parameters`). A bare string
+    in a config or recipe (`models: [dpo, sft]`) is an entry with only `model`."""
 
+    FROM_STRING: ClassVar[str] = "model"
     model: str
     weight: Any = None              # shortcut for parameters.weight
     parameters: dict | None = None
