@@ -190,10 +190,14 @@ def worker_stage(work: Path, preset: str, steps: int, stage: str) -> dict:
 
         s = pretrain(PretrainConfig(data=[str(work / "corpus.txt")], batch_size=spec["batch"], eval_fraction=0.0,
                                     **common))
-    elif stage == "sft":
+    elif stage in ("sft", "sft-lora", "sft-qlora"):
         from upstack.train.sft import SFTConfig, sft
 
-        s = sft(SFTConfig(data=[f"{work / 'sft.jsonl'}:format=alpaca"], batch_size=spec["batch"], **common))
+        adapters = {"sft": {}, "sft-lora": {"lora": True},
+                    # QLoRA computes in bf16 on its 4-bit base
+                    "sft-qlora": {"qlora": True, "dtype": "bf16" if spec["dtype"] == "fp32" else spec["dtype"]}}
+        s = sft(SFTConfig(data=[f"{work / 'sft.jsonl'}:format=alpaca"], batch_size=spec["batch"],
+                          **{**common, **adapters[stage]}))
     else:
         from upstack.train.dpo import DPOConfig, dpo
 
@@ -367,7 +371,7 @@ def main() -> None:
         print(f"preparing model and data in {work} ...", flush=True)
     info = call(["--worker", "prepare", *base], env)
     spec = PRESETS[args.preset]
-    order = ["plain", "pretrain", "sft", "dpo", "dpo-ref", "trl-dpo"]
+    order = ["plain", "pretrain", "sft", "sft-lora", "sft-qlora", "dpo", "dpo-ref", "trl-dpo"]
     if args.only:
         wanted = set(args.only.split(","))
         order = [w for w in order if w in wanted]
@@ -391,7 +395,7 @@ def main() -> None:
         device, peak = gpu_peak()
     fpt = model_flops_per_token(info["parameters"], spec)
     rows = []
-    for name in ("plain", "pretrain", "sft", "dpo", "dpo-ref", "trl-dpo"):
+    for name in ("plain", "pretrain", "sft", "sft-lora", "sft-qlora", "dpo", "dpo-ref", "trl-dpo"):
         if name not in best:
             continue
         r = best[name]
