@@ -118,7 +118,8 @@ def encode(tok, convs, max_length, train_from=None):
 
 def test_rows_under_the_bound_encode_exactly_as_untruncated(tok):
     convs = [conv("Add the numbers 1 and 2 please. " * 20, "The answer is 3. " * 30),
-             conv("Say hi.", "Hi!"), conv("word " * 200, "reply " * 200)]
+             conv("Say hi.", "Hi!"), conv("word " * 200, "reply " * 200),
+             [m for i in range(40) for m in conv(f"q{i}", f"a{i}")]]  # more turns than max_length 16 keeps
     full, _ = encode(tok, convs, 10**9)
     for max_length in (16, 64, 10_000):
         got, stats = encode(tok, convs, max_length)
@@ -150,7 +151,7 @@ def test_huge_row_is_tokenized_in_bounded_work(tok, monkeypatch):
     t0 = time.perf_counter()
     got, stats = encode(tok, [conv("Q?", huge), many_turns], 64)
     assert time.perf_counter() - t0 < 2.0
-    assert max(seen) <= 64 * chat.MAX_CHARS_PER_TOKEN + 200
+    assert max(seen) <= 2 * 64 * chat.MAX_CHARS_PER_TOKEN  # content bound plus the template's markup
     assert [len(ids) for ids, _ in got] == [64, 64] and stats["truncated"] == 2
 
 
