@@ -17,11 +17,11 @@ record for CSV) and the field.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 
-from upstack.data.jsonl import read_json_rows
+from upstack.data.files import allow_long_csv_fields
+from upstack.data.jsonl import loads, read_json_rows
 from upstack.data.spec import split_named
 from upstack.errors import DataError
 
@@ -124,6 +124,7 @@ def read_mmlu_csv(path: str | Path) -> list[dict]:
     path = Path(path)
     subject = mmlu_subject(path)
     docs = []
+    allow_long_csv_fields()
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             for i, rec in enumerate(csv.reader(fh), 1):
@@ -224,10 +225,10 @@ def detect_benchmark_format(path: str | Path) -> str | None:
         head = fh.read(1 << 16)
     try:
         if head.lstrip().startswith("["):
-            first = json.loads(Path(path).read_text(encoding="utf-8-sig"))[0]
+            first = loads(Path(path).read_text(encoding="utf-8-sig"))[0]
         else:
-            first = json.loads(head.splitlines()[0]) if head.strip() else {}
-    except (json.JSONDecodeError, IndexError):
+            first = loads(head.splitlines()[0]) if head.strip() else {}
+    except (ValueError, IndexError, KeyError, TypeError):  # not JSON / not UTF-8 / not an array of rows
         return None
     if not isinstance(first, dict):
         return None

@@ -21,6 +21,14 @@ log = logging.getLogger("upstack.data")
 
 TEMPLATES = ("auto", "chat", "alpaca")
 
+# Work per row is bounded by max_length: only the first max_length * MAX_CHARS_PER_TOKEN characters of a
+# conversation's content are rendered and tokenized. A token is at most a few dozen characters in any
+# real vocabulary (Mistral/Llama's longest piece is 16; GPT-style BPEs stay under 64 apart from runs of
+# spaces, which still give one token per 64 characters or more), so the first max_length tokens of the
+# whole conversation lie well inside the kept characters and come out the same; the rest would be cut
+# by truncation anyway. Without it a 60 MB row with --max-length 64 was tokenized whole (6.4 GB, 86 s).
+MAX_CHARS_PER_TOKEN = 64
+
 # The "### User: / ### Assistant:" format SOLAR-10.7B-Instruct uses, with bos at the start and eos
 # closing every reply. {% generation %} marks the trained span for tools that read it.
 ALPACA_TEMPLATE = (
@@ -111,6 +119,30 @@ class Encoded:
         return int(self.offsets[i + 1] - self.offsets[i])
 
 
+def bound_conversation(messages: list[dict], max_length: int) -> tuple[list[dict], bool]:
+    """(the conversation cut to what can reach its first `max_length` tokens, whether it was cut).
+
+    That is its first max_length * MAX_CHARS_PER_TOKEN characters of message content, and at most
+    max_length + 1 messages (every message renders at least one token of its own: its role markup or
+    its non-empty content). The message where the character budget runs out keeps its first
+    characters; the messages after it, whose tokens all lie past max_length, are dropped (rendering
+    every prefix of thousands of turns is quadratic). Templates render messages in order, so the kept
+    text renders as it does in the whole conversation."""
+    max_chars = max_length * MAX_CHARS_PER_TOKEN
+    if len(messages) > max_length + 1:
+        return bound_conversation(messages[:max_length + 1], max_length)[0], True
+    total = 0
+    for i, msg in enumerate(messages):
+        content = msg.get("content")
+        if not isinstance(content, str):
+            continue
+        if total + len(content) > max_chars:
+            keep = max_chars - total
+            return messages[:i] + ([{**msg, "content": content[:keep]}] if keep > 0 else []), True
+        total += len(content)
+    return messages, False
+
+
 def _token_mask(offsets, spans) -> Any:
     import numpy as np
 
@@ -125,6 +157,10 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], train_from:
                          *, skip_bad_rows: bool = False, batch_size: int = 512) -> Encoded:
     """Render and tokenize conversations; truncate to max_length (counted); report what was cut.
 
+    Each conversation is first cut to max_length * MAX_CHARS_PER_TOKEN characters of content and
+    max_length + 1 messages (`bound_conversation`), so a huge row costs no more than a long one and keeps the same first
+    max_length tokens; `longest` then counts the tokens of what was kept.
+
     Returns every conversation (even those left without response tokens, so DPO can drop whole pairs);
     stats: rows, truncated, no_response (nothing left to learn after truncation), template_fallback,
     skipped (bad rows, with skip_bad_rows), tokens."""
@@ -135,10 +171,13 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], train_from:
              "skipped": 0, "tokens": 0, "longest": 0}
     fast = bool(getattr(tokenizer, "is_fast", False))
     for lo in range(0, len(conversations), batch_size):
-        texts, spans, rows = [], [], []
+        texts, spans, rows, cut = [], [], [], set()
         for j in range(lo, min(lo + batch_size, len(conversations))):
+            conversation, was_cut = bound_conversation(conversations[j], max_length)
+            if was_cut:
+                cut.add(j)
             try:
-                text, sp, exact = render_with_spans(tokenizer, conversations[j], train_from[j])
+                text, sp, exact = render_with_spans(tokenizer, conversation, train_from[j])
             except DataError as e:
                 if not skip_bad_rows:
                     raise DataError(f"training row {j + 1}: {e}") from None
@@ -165,7 +204,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], train_from:
         for (ids, mask), j in zip(encoded, rows):
             n = len(ids)
             stats["longest"] = max(stats["longest"], n)
-            if n > max_length:
+            if n > max_length or j in cut:
                 stats["truncated"] += 1
                 ids, mask = ids[:max_length], mask[:max_length]
             if not mask[1:].any():   # the first token is never predicted

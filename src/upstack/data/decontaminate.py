@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upstack.data.benchmarks import benchmark_examples, parse_benchmark, strings_in
-from upstack.data.jsonl import json_lines
+from upstack.data.jsonl import json_lines, line_error
 from upstack.data.ngrams import UNICODE_PUNCTUATION, words
 from upstack.errors import ConfigError, DataError
 from upstack.outputs import atomic_file, check_output_free
@@ -251,7 +251,7 @@ def _parse_chunk(lines: list[tuple[int, bytes]], data: Path) -> list:
         rows = json.loads(b"[" + b",".join(raw for _, raw in lines) + b"]")
         if len(rows) == len(lines):
             return rows
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply: find the line
         pass
     rows = []
     for (no, _), (_, row, error) in zip(lines, json_lines(raw for _, raw in lines)):
@@ -262,8 +262,9 @@ def _parse_chunk(lines: list[tuple[int, bytes]], data: Path) -> list:
 
 
 def _not_json(data: Path, no: int, error: ValueError) -> DataError:
-    return DataError(f"{data}: line {no}: not valid JSON ({getattr(error, 'msg', error)}); "
-                     "expected one JSON object per line")
+    if isinstance(error, json.JSONDecodeError):
+        return DataError(f"{data}: line {no}: not valid JSON ({error.msg}); expected one JSON object per line")
+    return DataError(f"{data}: line {no}: {line_error(error)}")
 
 
 def decontaminate(cfg: DecontaminateConfig) -> dict:

@@ -8,13 +8,15 @@ the loaders can skip bad rows (skip_bad_rows) or report them with file and row.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from upstack.data.jsonl import json_lines
+from upstack.data.jsonl import TOO_DEEP, NulBytes, json_lines, line_error
 from upstack.errors import DataError
 
 ROW_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
@@ -22,6 +24,7 @@ ROW_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parque
 TEXT_SUFFIXES = {".txt": "txt", ".text": "txt", ".raw": "txt"}
 _PEEK_LINES = 1000
 _CHUNK = 1 << 20
+CSV_FIELD_LIMIT = 2**31 - 1  # csv's default, 131072 characters, refuses a long document as a "field too large"
 
 
 def file_type(path: Path) -> str | None:
@@ -48,10 +51,45 @@ def open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
+def allow_long_csv_fields() -> None:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
+def _guarded(read):
+    """A reader of one file whose decompression and decoding errors, raised wherever the reading is
+    (gzip decompresses as it goes, so a truncated .gz fails at its end), become one line naming the file."""
+    @functools.wraps(read)
+    def wrapper(path: Path, *args, **kwargs):
+        try:
+            result = read(path, *args, **kwargs)
+            if not isinstance(result, Iterator):
+                return result
+            return _guard_iter(path, result)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise _corrupt(path, e) from None
+    return wrapper
+
+
+def _guard_iter(path: Path, records: Iterator) -> Iterator:
+    try:
+        yield from records
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _corrupt(path, e) from None
+    except UnicodeDecodeError as e:  # text-mode readers (CSV, JSON arrays) decode ahead of the row they yield
+        raise DataError(f"{path}: is not valid UTF-8 text ({e.reason}); a binary or corrupt file?") from None
+
+
+def _corrupt(path: Path, e: BaseException) -> DataError:
+    why = str(e) or type(e).__name__
+    return DataError(f"{path}: the gzip file is truncated or corrupt ({why})")
+
+
 # A record is (row number, value, problem): problem is None or why the row could not be read.
 Record = tuple[int, Any, "str | None"]
 
 
+@_guarded
 def iter_file_records(path: Path, *, columns: list[str] | None = None) -> Iterator[Record]:
     kind = file_type(path)
     if kind == "jsonl":
@@ -61,8 +99,17 @@ def iter_file_records(path: Path, *, columns: list[str] | None = None) -> Iterat
     elif kind == "parquet":
         yield from _iter_parquet(path, columns)
     elif kind in ("csv", "tsv"):
-        with _open_text(path) as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if kind == "tsv" else ",")
+        yield from _iter_csv(path, kind)
+    else:
+        raise AssertionError(kind)
+
+
+def _iter_csv(path: Path, kind: str) -> Iterator[Record]:
+    allow_long_csv_fields()
+    n = 0
+    with _open_text(path) as fh:
+        reader = csv.DictReader(fh, delimiter="\t" if kind == "tsv" else ",")
+        try:
             if reader.fieldnames is None:
                 return
             for n, row in enumerate(reader, 1):
@@ -70,20 +117,15 @@ def iter_file_records(path: Path, *, columns: list[str] | None = None) -> Iterat
                     yield n, row, f"has more values than the header has columns ({len(reader.fieldnames)})"
                 else:
                     yield n, row, None
-    else:
-        raise AssertionError(kind)
+        except csv.Error as e:
+            raise DataError(f"{path} row {n + 1}: not valid {kind.upper()} ({e})") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[Record]:
-    """Rows numbered by line (blank lines are skipped but counted)."""
+    """Rows numbered by line (blank lines are skipped but counted); each line is read and parsed alone."""
     with open_binary(path) as fh:
         for n, value, error in json_lines(_without_bom(fh)):
-            if isinstance(error, UnicodeDecodeError):
-                yield n, None, "is not valid UTF-8"
-            elif error is not None:
-                yield n, None, f"is not valid JSON ({getattr(error, 'msg', error)})"
-            else:
-                yield n, value, None
+            yield n, value, None if error is None else line_error(error)
 
 
 def _without_bom(lines: Iterator[bytes]) -> Iterator[bytes]:
@@ -126,6 +168,8 @@ def _iter_json(path: Path) -> Iterator[Record]:
                     if reader.eof:
                         raise DataError(f"{path} row {n + 1}: not valid JSON ({e.msg}); a broken JSON array"
                                         f" cannot be read past it") from None
+                except RecursionError:
+                    raise DataError(f"{path} row {n + 1}: not valid JSON ({TOO_DEEP})") from None
                 reader.fill()
             n += 1
             yield n, value, None
@@ -182,6 +226,7 @@ def _iter_parquet(path: Path, columns: list[str] | None) -> Iterator[Record]:
             yield n, row, None
 
 
+@_guarded
 def guess_text_unit(path: Path) -> str:
     """paragraph if a blank line occurs among the first lines (up to 1000 lines or 1 MiB), else line."""
     seen = 0
@@ -195,8 +240,10 @@ def guess_text_unit(path: Path) -> str:
     return "line"
 
 
+@_guarded
 def iter_txt(path: Path, unit: str) -> Iterator[tuple[int, str, str | None]]:
-    """(first line number, document, problem) per paragraph / line / file."""
+    """(first line number, document, problem) per paragraph / line / file. A line of nothing but NUL
+    bytes is a problem (a binary or corrupt file), not text."""
     with open_binary(path) as fh:
         if unit == "file":
             data = fh.read()
@@ -212,6 +259,9 @@ def iter_txt(path: Path, unit: str) -> Iterator[tuple[int, str, str | None]]:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
                 yield n, "", "is not valid UTF-8"
+                continue
+            if "\0" in line and not line.replace("\0", "").strip():  # a stray NUL in text is kept as text
+                yield n, "", NulBytes(True).msg
                 continue
             if unit == "line":
                 yield n, line.strip(), None

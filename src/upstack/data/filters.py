@@ -22,6 +22,7 @@ _FUNCS: dict[str, Callable[[Any], Any]] = {"len": len, "lower": str.lower}
 _OPS = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
         ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
         ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+MAX_DEPTH = 100  # checking and evaluating recurse once per level; a real filter nests a handful of levels
 _OP_TEXT = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
             ast.In: "in", ast.NotIn: "not in"}
 
@@ -41,11 +42,28 @@ def compile_filter(text: str) -> Callable[[dict, int], bool]:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as e:
         raise ConfigError(f"filter {text!r}: not a valid expression ({e.msg}); {FILTER_HELP}") from None
+    except (RecursionError, MemoryError):  # Python's own parser gives up on very deep nesting
+        raise ConfigError(f"filter {_short(text)}: nests deeper than {MAX_DEPTH} levels") from None
+    _check_depth(tree, text)
     _check_node(tree, text)
 
     def predicate(row: dict, n: int) -> bool:
         return bool(_eval(tree, row, n, text))
     return predicate
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text)} characters)"
+
+
+def _check_depth(tree: ast.AST, text: str) -> None:
+    """Bound the nesting before anything recurses over the tree (checks, messages, evaluation)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"filter {_short(text)}: nests deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node) if isinstance(child, ast.expr))
 
 
 def _check_node(node: ast.AST, text: str) -> None:

@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-from upstack.data.jsonl import json_lines
+from upstack.data.jsonl import json_lines, loads
 from upstack.errors import ConfigError, DataError, UpstackError
 from upstack.outputs import atomic_output_dir
 
@@ -86,7 +86,7 @@ def _iter_json_rows(path: Path):
         raise DataError(f"{path}: cannot read ({e})") from None
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
@@ -95,7 +95,8 @@ def _iter_json_rows(path: Path):
         return
     for lineno, obj, error in json_lines(text.splitlines()):
         if error is not None:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+            where = f" at column {error.colno}" if isinstance(error, json.JSONDecodeError) and error.doc else ""
+            raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(error, 'msg', error)}{where})") from None
         yield lineno, obj
 
 

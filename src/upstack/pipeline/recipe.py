@@ -47,8 +47,47 @@ class Recipe:
 # YAML and line numbers
 # --------------------------------------------------------------------------------------------------
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map key paths ('stages', 'upscale', 'm') to 1-based line numbers, for error messages."""
+# An alias may be used many times (`<<: *defaults` in every stage), but aliases of aliases multiply: nine
+# levels of nine copies is 387 million values from 400 bytes ("billion laughs"). PyYAML shares the nodes,
+# so loading is instant; every walk over the options after it is not. A recipe is a few hundred values.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 100
+
+
+def _check_yaml_graph(root: yaml.Node, path: Path) -> None:
+    """Refuse a node graph that expands past MAX_YAML_VALUES values, nests deeper than MAX_YAML_DEPTH or
+    contains itself, counting each shared node once per use without expanding it (iterative: no recursion)."""
+    size: dict[int, int] = {}
+    open_ids: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        children = ([x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            open_ids.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > MAX_YAML_VALUES:
+                raise ConfigError(f"{path}: its aliases expand to more than {MAX_YAML_VALUES:,} values (an alias "
+                                  f"bomb?); write the options out or use fewer nested aliases")
+            continue
+        if key in size:
+            continue
+        if key in open_ids:
+            raise ConfigError(f"{path} line {node.start_mark.line + 1}: an alias refers to itself (a value "
+                              f"that contains itself)")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{path} line {node.start_mark.line + 1}: values nest deeper than "
+                              f"{MAX_YAML_DEPTH} levels")
+        open_ids.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
+
+
+def _yaml_lines(root: yaml.Node | None) -> dict[tuple, int]:
+    """Map key paths ('stages', 'upscale', 'm') to 1-based line numbers, for error messages.
+    `root` has passed `_check_yaml_graph`, so the walk is bounded."""
     lines: dict[tuple, int] = {}
 
     def walk(node, path):
@@ -62,24 +101,34 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
                 lines[path + (i,)] = v.start_mark.line + 1
                 walk(v, path + (i,))
 
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
+    if root is not None:
+        walk(root, ())
     return lines
 
 
-def _read_yaml(path: Path) -> tuple[str, Any]:
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """(the recipe's value, its line numbers). ConfigError for unreadable or invalid YAML and for alias
+    bombs, self-references and deep nesting (checked on the shared node graph, before anything expands)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    loader = yaml.SafeLoader(text)
     try:
-        return text, yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_yaml_graph(node, path)
+        return loader.construct_document(node) if node is not None else None, _yaml_lines(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:  # the composer recurses once per level of nesting
+        raise ConfigError(f"{path}: values nest deeper than {MAX_YAML_DEPTH} levels") from None
+    finally:
+        loader.dispose()
 
 
 def _type_error_line(err: str, sname: str, default: int | None, lines: dict) -> int | None:
@@ -320,8 +369,7 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
     the first stage runs.
     """
     path = builtin_recipe_path(path)
-    text, raw = _read_yaml(path)
-    lines = _yaml_lines(text)
+    raw, lines = _read_yaml(path)
     errors: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
