@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="run every path this many times, interleaved; keep the best")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: torch's default)")
-    ap.add_argument("--only", help="comma-separated subset of plain,pretrain,sft,dpo,dpo-ref,trl-dpo")
+    ap.add_argument("--only", help="comma-separated subset of plain,pretrain,sft,sft-lora,sft-qlora,dpo,dpo-ref,trl-dpo")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "train"))
     ap.add_argument("--attn", help="attention implementation for every path (sdpa, flex_attention, ...; "
                                    "default: transformers' own choice)")
