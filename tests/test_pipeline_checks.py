@@ -111,7 +111,9 @@ def test_base_train_options_are_checked_at_load(tmp_path, bad, words):
     assert "line 9: " in msg or "line 7: " in msg  # the option's line, or the `train:` line for unknown keys
 
 
-def test_good_base_train_loads(tmp_path):
+def test_good_base_train_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "a"}\n')  # inputs must exist (or be made by a stage)
     p = tmp_path / "r.yaml"
     p.write_text(BASE.format(bad="learning_rate: 0.01"))
     assert load_recipe(p, tmp_path / "run").stages["base"].resolved["train"]["learning_rate"] == 0.01

@@ -44,13 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _command_modules():
         mod.register(sub, common)
-    parser.set_defaults(subcommands=sub.choices)
+    parser.subcommands = sub.choices  # for the usage of a subcommand given unknown arguments
     return parser
 
 
 def _unknown_arguments(parser: argparse.ArgumentParser, args, extras: list[str]) -> None:
     """Unknown arguments after a subcommand: that subcommand's usage and a "did you mean" (exit 2)."""
-    sub = (getattr(args, "subcommands", None) or {}).get(getattr(args, "command", None), parser)
+    sub = parser.subcommands.get(getattr(args, "command", None), parser)
     options = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
     hints = []
     for extra in extras:

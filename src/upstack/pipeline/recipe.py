@@ -8,6 +8,9 @@ each stage's own value checks (`StageType.check`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,8 +19,12 @@ from typing import Any
 import yaml
 
 from upstack.config import config_errors, config_from_dict
+from upstack.data.spec import parse_data_spec
 from upstack.errors import ConfigError, UpstackError
+from upstack.hub import hub_offline
 from upstack.pipeline.stages import STAGE_TYPES, field_names, load_ref
+
+log = logging.getLogger(__name__)
 
 BUILTIN_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOP_LEVEL_KEYS = {"name", "description", "stages", "evaluate", "report", "profiles", "launch"}
@@ -312,8 +319,11 @@ def _prepare_stage(st: Stage, folders: dict[str, Path], stages: dict[str, Stage]
         errors.append(f"line {_type_error_line(err, st.name, st.line, lines)}: {err}")
     if not type_errors:
         errors.extend(_value_errors(st, cls, resolved, lines))
-    for err in _input_errors(st, stages):
-        errors.append(f"line {st.line}: stage {st.name!r}: {err}")
+    warnings: list[tuple[str, str]] = []
+    for key, err in _input_errors(st, stages, warnings):
+        errors.append(f"line {lines.get(('stages', st.name, key), st.line)}: stage {st.name!r}: {err}")
+    for key, w in warnings:
+        log.warning("warning: line %s: stage %r: %s", lines.get(("stages", st.name, key), st.line), st.name, w)
     st.resolved = resolved
 
 
@@ -330,20 +340,86 @@ def _value_errors(st: Stage, cls: type, resolved: dict, lines: dict) -> list[str
     return []
 
 
-def _input_errors(st: Stage, stages: dict) -> list[str]:
-    """Model inputs that are local paths must exist (or be produced by a stage)."""
-    errors = []
-    for key in ("model", "source", "reference", "base", "models"):
+MODEL_KEYS = ("model", "source", "reference", "base", "models", "ref_model", "preference_reference", "adapter")
+DATA_KEYS = ("data", "eval_data", "perplexity", "preference", "against", "benchmarks", "seed_data")
+FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".gz", ".yaml", ".yml")
+
+
+def _did_you_mean(name: str, stages: dict) -> str:
+    close = difflib.get_close_matches(name, list(stages), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _model_errors(key: str, v: str, stages: dict, warnings: list[str]) -> list[str]:
+    """A model input is a stage, an existing folder, or a hub id: a bare word that is neither a stage nor a
+    folder is most likely a misspelled stage (an error offline, a warning online, where it may be a hub id)."""
+    if v.split("/", 1)[0] in stages:
+        return []
+    if v.startswith((".", "/", "~")) or os.path.exists(v):
+        return [] if Path(v).expanduser().exists() else [f"input {key}={v!r} does not exist and no stage makes it"
+                                                         + _did_you_mean(v, stages)]
+    if "/" not in v:
+        msg = f"input {key}={v!r} is no stage of this recipe and no existing folder{_did_you_mean(v, stages)}"
+        if hub_offline():
+            return [msg]
+        warnings.append(msg + "; trying it as a Hugging Face Hub id")
+    return []
+
+
+def _data_paths(value) -> list[str]:
+    """The file paths a data option names: spec strings (PATH[:options]), {path: ...} mappings, NAME=PATH."""
+    out = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, dict):
+            item = item.get("path")
+        if not isinstance(item, str):
+            continue
+        path = _split_named(item)[1]
+        try:
+            path = parse_data_spec(path).path
+        except UpstackError:
+            pass  # the stage's own check reports a bad spec
+        out.append(path)
+    return out
+
+
+def _data_errors(key: str, path: str, stages: dict) -> list[str]:
+    """A local data file must exist (or be made by a stage); hub dataset ids (org/name) are left to the stage."""
+    if path.split("/", 1)[0] in stages:
+        return []
+    local = path.startswith((".", "/", "~")) or path.endswith(FILE_SUFFIXES) or os.path.exists(path)
+    if not local:
+        return []
+    expanded = str(Path(path).expanduser())
+    if any(ch in path for ch in "*?["):
+        return [] if glob.glob(expanded) else [f"{key}: no file matches {path!r}"]
+    return [] if Path(expanded).exists() else [f"{key}: {path!r} does not exist and no stage makes it"
+                                                + _did_you_mean(path.split("/", 1)[0], stages)]
+
+
+def _input_errors(st: Stage, stages: dict, warnings: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """(option, problem) for inputs that are neither made by a stage nor present: model folders, data files,
+    benchmark files; and a model input taken from a stage that writes only an adapter."""
+    warnings = [] if warnings is None else warnings
+    errors: list[tuple[str, str]] = []
+    for key in MODEL_KEYS:
         value = st.options.get(key)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
+        for v in value if isinstance(value, list) else [value]:
             if isinstance(v, dict):
                 v = v.get("model")
-            if not isinstance(v, str) or v.split("/", 1)[0] in stages:
+            if not isinstance(v, str):
                 continue
-            looks_local = v.startswith((".", "/", "~")) or os.path.exists(v)
-            if looks_local and not Path(v).expanduser().exists():
-                errors.append(f"input {key}={v!r} does not exist and no stage makes it")
+            found: list[str] = []
+            errors += [(key, e) for e in _model_errors(key, v, stages, found)]
+            warnings += [(key, w) for w in found]
+            producer = stages.get(v)
+            if producer is not None and producer.options.get("adapter_only") and key != "adapter":
+                errors.append((key, f"input {key}={v!r}: stage {v!r} writes only an adapter (adapter_only: true), "
+                                    f"not a model; drop adapter_only, or merge it first (a merge-adapter stage "
+                                    f"with adapter: {v}/adapter)"))
+    for key in DATA_KEYS:
+        for path in _data_paths(st.options.get(key)):
+            errors += [(key, e) for e in _data_errors(key, path, stages)]
     return errors
 
 

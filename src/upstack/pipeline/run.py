@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import json
 import os
 import shutil
@@ -45,7 +46,9 @@ def _forced_stages(recipe: Recipe, from_stage: str | None, only: str | None) -> 
     names = list(recipe.stages)
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in recipe.stages:
-            raise ConfigError(f"{flag} {value!r}: no such stage (stages: {', '.join(names)})")
+            close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{flag} {value!r}: no such stage ({hint}stages: {', '.join(names)})")
     force: set[str] = set()
     if from_stage:
         force = set(names[names.index(from_stage):])
