@@ -260,6 +260,68 @@ def test_qlora_under_fsdp_is_refused(monkeypatch):
         check_fsdp(SimpleNamespace(qlora=False))
 
 
+def launcher_env(config: Path) -> tuple:
+    """(accelerate launch's parsed args, the environment it gives each process) for a config file, as
+    `accelerate launch --config_file CONFIG -m upstack.cli ...` computes them (nothing is started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "upstack.cli"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_fsdp_config_turns_upstack_sharding_on(monkeypatch):
+    from types import SimpleNamespace
+
+    from upstack.train.sharding import check_fsdp
+
+    args, env = launcher_env(FSDP_CPU2)
+    assert args.num_processes == 2 and env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for k, v in env.items():
+        if k.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("UPSTACK_SHARDING", "")  # recorded, so what check_fsdp sets is undone
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert check_fsdp(SimpleNamespace(qlora=False))
+    # accelerate (and transformers' loading) no longer see FSDP; upstack remembers it
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false" and os.environ["UPSTACK_SHARDING"] == "fsdp"
+
+
+def test_deepspeed_zero3_config_is_accepted_and_planned(model_dir, tmp_path, monkeypatch, capsys):
+    """deepspeed is not installed here (and runs on CUDA only): the config is parsed by accelerate's
+    launcher and --dry-run plans the run under the environment it would give each process."""
+    from upstack.cli import main
+
+    args, env = launcher_env(REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml")
+    assert args.use_deepspeed and args.zero_stage == 3 and args.num_processes == 8
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    assert "gradient_accumulation_steps" not in args.deepspeed_fields_from_accelerate_config  # --grad-accum's
+    for k, v in env.items():
+        if k.startswith("ACCELERATE_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("WORLD_SIZE", str(args.num_processes))
+    monkeypatch.setenv("UPSTACK_SHARDING", "")  # recorded, so what check_fsdp sets is undone
+    out = tmp_path / "out"
+    assert main(["dpo", str(model_dir), "--data", "x.jsonl", "--out", str(out), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["launch"] == {"sharding": "deepspeed", "processes": 8, "zero_stage": 3,
+                              "note": plan["launch"]["note"]}
+    assert not out.exists()
+
+
+def test_fsdp_dry_run_with_one_process_is_refused(model_dir, monkeypatch, capsys):
+    from upstack.cli import main
+
+    monkeypatch.setenv("UPSTACK_SHARDING", "fsdp")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["sft", str(model_dir), "--data", "x.jsonl", "--out", "o", "--dry-run"]) == 2
+    assert "REFUSED: the launch asks for FSDP but runs 1 process" in capsys.readouterr().out
+
+
 def test_fsdp_configs_ask_for_fsdp2():
     yaml = pytest.importorskip("yaml")
     for name in ("fsdp.yaml", "fsdp-cpu2.yaml"):

@@ -62,7 +62,14 @@ def check_fsdp(cfg) -> bool:
     before anything is loaded. Also takes FSDP away from accelerate (see the module doc)."""
     if requested() != "fsdp":
         return False
-    n = world_size()
+    check_fsdp_values(cfg, world_size())
+    os.environ[ENV] = "fsdp"                      # remembered for the next stage of this process
+    os.environ["ACCELERATE_USE_FSDP"] = "false"   # accelerate (and transformers' loading) must not do FSDP
+    return True
+
+
+def check_fsdp_values(cfg, n: int) -> None:
+    """What refuses an FSDP launch of `n` processes (values only)."""
     if n <= 1:
         raise ConfigError("the launch asks for FSDP but runs 1 process: nothing to shard over (launch 2 or more "
                           f"processes, e.g. configs/accelerate/fsdp-cpu2.yaml, or unset {ENV} / use a non-FSDP "
@@ -70,9 +77,6 @@ def check_fsdp(cfg) -> bool:
     if getattr(cfg, "qlora", False):
         raise ConfigError("--qlora under FSDP: FSDP2 cannot shard bitsandbytes' packed 4-bit weights; use --lora "
                           "(adapters on the full-precision base shard fine) or launch without FSDP")
-    os.environ[ENV] = "fsdp"                      # remembered for the next stage of this process
-    os.environ["ACCELERATE_USE_FSDP"] = "false"   # accelerate (and transformers' loading) must not do FSDP
-    return True
 
 
 def ensure_process_group(device_type: str) -> None:
@@ -200,3 +204,23 @@ def load_sharded(folder: Path, rank: int, model, optimizer) -> None:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def launch_plan(cfg) -> dict:
+    """How the launch this process runs under would distribute a run, for --dry-run (nothing started):
+    {"sharding", "processes", "note"}; "refused" with the reason where the run would be refused."""
+    sharding, n = requested(), world_size()
+    plan = {"sharding": sharding if sharding != "none" else ("ddp" if n > 1 else "none"), "processes": n}
+    if sharding == "fsdp":
+        try:
+            check_fsdp_values(cfg, n)
+            plan["note"] = ("upstack's FSDP2: every decoder layer and the root sharded over the processes "
+                            "(parameters, gradients, optimizer state: about 1/N each)")
+        except ConfigError as e:
+            plan["refused"] = str(e)
+    elif sharding == "deepspeed":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+        plan["zero_stage"] = int(stage) if stage.isdigit() else stage
+        plan["note"] = (f"accelerate's DeepSpeed ZeRO-{stage} (needs the deepspeed package and CUDA GPUs); "
+                        "ZeRO-3 partitions like FSDP, so the FSDP GPU counts apply")
+    return plan
