@@ -106,6 +106,13 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    """A tiny Qwen2 with tied input/output embeddings (one tensor under two names)."""
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "qwen2", "qwen2", num_hidden_layers=2, vocab_size=256,
+                            tie_word_embeddings=True)
+
+
 def sft_data(tmp_path):
     data = tmp_path / "sft.jsonl"
     rows = [{"instruction": "Say " + "hi " * (i % 5 + 1), "output": "ok " * (i % 7 + 1)} for i in range(16)]
@@ -135,7 +142,8 @@ def data_for(stage, tmp_path):
 # after 4 steps -- the same under DDP (measured), so not a sharding effect.
 CASES = {
     "pretrain-new-layers": ("pretrain", ["--seq-len", "32", "--train-layers", "new", "--lr", "5e-3"]),
-    "sft": ("sft", ["--max-length", "64", "--lr", "5e-3"]),
+    "sft-tied-bf16-mixed": ("sft", ["--max-length", "64", "--lr", "5e-3", "--dtype", "bf16-mixed",
+                                    "--gradient-checkpointing", "--eval-fraction", "0.2"]),
     "dpo-precomputed-ref": ("dpo", ["--max-length", "64", "--train-layers", "0-0", "--lr", "1e-3"]),
     "dpo-ref-in-memory": ("dpo", ["--max-length", "64", "--no-precompute-ref", "--lr", "1e-3"]),
 }
@@ -143,10 +151,11 @@ CASES = {
 
 @slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_fsdp_two_processes_match_one_process(model_dir, tmp_path, case):
+def test_fsdp_two_processes_match_one_process(model_dir, tied_model_dir, tmp_path, case):
     stage, extra = CASES[case]
     data = data_for(stage, tmp_path)
-    common = [stage, model_dir, "--data", data, "--max-steps", "4", "--batch-size", "1",
+    model = tied_model_dir if "tied" in case else model_dir
+    common = [stage, model, "--data", data, "--max-steps", "4", "--batch-size", "1",
               "--logging-steps", "1", "--no-tensorboard", "-q", "--seed", "3", *extra]
     two, one = tmp_path / "two", tmp_path / "one"
     # FSDP with accumulation 2 (2 processes x 1 x 2) against one process with accumulation 4: global batch 4.
@@ -156,8 +165,12 @@ def test_fsdp_two_processes_match_one_process(model_dir, tmp_path, case):
     assert_sharded_start(two)
     assert records(one)[1]["sharding"] == "none" and records(one)[1]["params_local"] == records(one)[1]["total"]
     assert_same_curve(one, two)
-    assert_close_weights(one, two)
+    assert_close_weights(one, two)  # also: the same tensor names (a tied weight saved once)
     assert json.loads((two / "config.json").read_text())["num_hidden_layers"] == 2
+    if "--eval-fraction" in extra:  # held-out loss under FSDP: every process runs the same forward passes
+        evals = [[r for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+                 for o in (one, two)]
+        assert evals[0] and evals[0][-1]["eval_loss"] == pytest.approx(evals[1][-1]["eval_loss"], abs=TOL)
     if "--train-layers" in extra:
         frozen_layer = "model.layers.0." if stage == "pretrain" else "model.layers.1."
         before, after = weights(model_dir), weights(two)

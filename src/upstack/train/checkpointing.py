@@ -121,11 +121,24 @@ def _save_full_model(unwrapped, folder, save_dtype: str, state_dict) -> None:
 
     target = getattr(torch, save_dtype)
     if state_dict is not None:
-        state_dict = {k: v.to(target) for k, v in state_dict.items()}
+        state_dict = {k: v.to(target) for k, v in _drop_tied_copies(unwrapped, state_dict).items()}
     else:
         unwrapped.to(target)
     unwrapped.save_pretrained(folder, state_dict=state_dict, max_shard_size="5GB")
     _write_config_dtype(folder / "config.json", save_dtype)
+
+
+def _drop_tied_copies(model, state_dict: dict) -> dict:
+    """A gathered state dict holds a tied weight under each of its names (embed_tokens and lm_head) as
+    separate tensors, which save_pretrained cannot recognise as tied: keep the first name only, as a
+    one-process save does."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            state_dict.pop(name, None)
+        else:
+            first[id(p)] = name
+    return state_dict
 
 
 def _save_adapter_output(run: Run, peft, folder, save_dtype: str, state_dict) -> None:
