@@ -56,6 +56,9 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, stage):
     assert main([*common, "--out", str(one), "--grad-accum", "2"]) == 0
     (c2, start2), (c1, start1) = curve(two), curve(one)
     assert start2["processes"] == 2 and start1["processes"] == 1
+    # DDP: every process holds the whole model (FSDP is tests/test_train_fsdp.py)
+    assert start2["sharding"] == "ddp" and start1["sharding"] == "none"
+    assert start2["params_local"] == start2["total"] == start1["params_local"]
     assert start2["global_batch"] == start1["global_batch"] == 4
     assert len(c1) == len(c2) == 4
     for a, b in zip(c1, c2):

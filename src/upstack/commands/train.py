@@ -11,6 +11,7 @@ from upstack.errors import ConfigError
 from upstack.lm import model_config
 from upstack.train.config import check_config
 from upstack.train.memory import format_plan, stage_memory_plan
+from upstack.train.sharding import launch_plan
 
 ORDER = 20
 
@@ -162,9 +163,15 @@ def _dry_run(args, cfg, check) -> int:
         raise ConfigError(f"{cfg.model}: --dry-run plans from a local folder's config.json (none found)")
     gpu = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
     plan = stage_memory_plan(cfg, args.stage, config, gpu)
+    plan["launch"] = launch = launch_plan(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher: one plan per launch
+        return 2 if "refused" in launch else 0
     if args.json:
         print_json(plan)
     else:
         print(f"{args.stage} of {cfg.model}: dry run, nothing trained")
         print(format_plan(plan))
-    return 0
+        how = f"launch: {launch['processes']} process(es), sharding {launch['sharding']}"
+        print(f"{how}: REFUSED: {launch['refused']}" if "refused" in launch else
+              f"{how}{': ' + launch['note'] if 'note' in launch else ''}")
+    return 2 if "refused" in launch else 0

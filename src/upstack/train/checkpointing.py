@@ -15,10 +15,12 @@ from upstack.lm import read_upstack_json
 from upstack.outputs import atomic_output_dir, disk_full_error, is_disk_full
 from upstack.train.lora import ADAPTER_DIR, peft_model_of
 from upstack.train.run import Run, list_checkpoints
+from upstack.train.sharding import full_state_dict, load_sharded, save_sharded
 
 
 def save_checkpoint(run: Run, step: int, extra: dict) -> None:
-    """accelerate's save_state (model, optimizer, RNG; sharded under FSDP/ZeRO) + trainer_state.json,
+    """accelerate's save_state (model, optimizer, RNG; sharded under ZeRO-3) -- under upstack's FSDP,
+    torch.distributed.checkpoint shards written by every rank plus each rank's RNG state -- + trainer_state.json,
     into checkpoint-<step>.tmp renamed at the end, so a crash mid-save never leaves a broken latest one.
     Any failure removes the partial folder; a full disk is one DiskFullError naming it and the space needed."""
     acc = run.accelerator
@@ -28,7 +30,10 @@ def save_checkpoint(run: Run, step: int, extra: dict) -> None:
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     try:
-        acc.save_state(str(tmp))
+        if run.sharding == "fsdp":
+            save_sharded(tmp, run.rank, run.model, run.optimizer)
+        else:
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if run.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
@@ -36,7 +41,7 @@ def save_checkpoint(run: Run, step: int, extra: dict) -> None:
         if run.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
-            raise disk_full_error(final, checkpoint_bytes(acc)) from None
+            raise disk_full_error(final, checkpoint_bytes(acc, run.model)) from None
         raise
     if run.is_main:
         if final.exists():
@@ -47,11 +52,19 @@ def save_checkpoint(run: Run, step: int, extra: dict) -> None:
     acc.wait_for_everyone()
 
 
-def checkpoint_bytes(acc) -> int:
+def load_checkpoint(run: Run, folder) -> None:
+    """Model, optimizer and RNG states of a resumable checkpoint (save_checkpoint's inverse)."""
+    if run.sharding == "fsdp":
+        load_sharded(folder, run.rank, run.model, run.optimizer)
+    else:
+        run.accelerator.load_state(str(folder))
+
+
+def checkpoint_bytes(acc, sharded_model=None) -> int:
     """About what one resumable checkpoint takes: the weights as held, plus two fp32 Adam moments per
     trained parameter (what save_state writes, RNG states aside)."""
     total = 0
-    for model in getattr(acc, "_models", []):
+    for model in [sharded_model] if sharded_model is not None else getattr(acc, "_models", []):
         for p in model.parameters():
             total += p.numel() * p.element_size() + (p.numel() * 8 if p.requires_grad else 0)
     return total
@@ -78,8 +91,12 @@ def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -
     summary = {**summary, "out": str(run.out), "save_dtype": save_dtype, "stage": run.stage}
     acc.wait_for_everyone()
     peft = peft_model_of(acc.unwrap_model(model))
-    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    state_dict = acc.get_state_dict(model) if sharded else None
+    if run.sharding == "fsdp":  # gathered from the shards: full tensors on rank 0 only (collective)
+        state_dict = full_state_dict(model)
+    elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state_dict = acc.get_state_dict(model)
+    else:
+        state_dict = None
     if run.is_main:
         if peft is not None:
             summary["adapter"] = str(run.out / ADAPTER_DIR)
@@ -104,11 +121,24 @@ def _save_full_model(unwrapped, folder, save_dtype: str, state_dict) -> None:
 
     target = getattr(torch, save_dtype)
     if state_dict is not None:
-        state_dict = {k: v.to(target) for k, v in state_dict.items()}
+        state_dict = {k: v.to(target) for k, v in _drop_tied_copies(unwrapped, state_dict).items()}
     else:
         unwrapped.to(target)
     unwrapped.save_pretrained(folder, state_dict=state_dict, max_shard_size="5GB")
     _write_config_dtype(folder / "config.json", save_dtype)
+
+
+def _drop_tied_copies(model, state_dict: dict) -> dict:
+    """A gathered state dict holds a tied weight under each of its names (embed_tokens and lm_head) as
+    separate tensors, which save_pretrained cannot recognise as tied: keep the first name only, as a
+    one-process save does."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            state_dict.pop(name, None)
+        else:
+            first[id(p)] = name
+    return state_dict
 
 
 def _save_adapter_output(run: Run, peft, folder, save_dtype: str, state_dict) -> None:

@@ -111,21 +111,21 @@ def pair_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", la
 
 
 def _prepare_reference(run: Run, ref):
-    """A frozen model for scoring: DeepSpeed/FSDP get their inference wrappers (TRL's helpers), else the device."""
+    """A frozen model for scoring: sharded like the policy under upstack's FSDP (every process runs the same
+    forward passes, so its all-gathers line up), DeepSpeed's inference wrapper (TRL's helper), else the device."""
     from accelerate.utils import DistributedType
 
     ref.eval()
     ref.requires_grad_(False)
     disable_dropout(ref)
-    kind = run.accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
+    if run.sharding == "fsdp":
+        from upstack.train.sharding import shard_model
+
+        return shard_model(ref, run.accelerator.device)
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
         from trl.models import prepare_deepspeed
 
         return prepare_deepspeed(ref, run.accelerator)
-    if kind == DistributedType.FSDP:
-        from trl.models import prepare_fsdp
-
-        return prepare_fsdp(ref, run.accelerator)
     return ref.to(run.accelerator.device)  # no gradients, so no DDP wrapper (and no slot in save_state)
 
 

@@ -18,7 +18,9 @@ the checkpoint/stop decision -- so a callback that sends this process SIGINT get
 step and a clean stop (the resume tests crash and interrupt real runs this way). Register with
 `STEP_CALLBACKS.append(fn)` before the stage runs.
 
-accelerate supplies devices and DDP/FSDP/DeepSpeed; nothing here assumes one process or a CPU.
+accelerate supplies devices, DDP and DeepSpeed; FSDP2 is upstack's own (sharding.py: the model is sharded
+before the loop, gradients are reduce-scattered in each backward pass, clipping is over DTensors);
+nothing here assumes one process or a CPU.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from typing import Any, Callable, Optional
 
 from upstack.lm import to_device
 from upstack.outputs import Terminated
-from upstack.train.checkpointing import save_checkpoint
+from upstack.train.checkpointing import load_checkpoint, save_checkpoint
 from upstack.train.metrics import Derive, averaged, peak_rss_mb
 from upstack.train.run import Run
+from upstack.train.sharding import clip_grad_norm_
 from upstack.train.schedule import EpochOrder, global_batch_size, lr_at, total_steps
 
 log = logging.getLogger("upstack.train")
@@ -132,7 +135,8 @@ def train_step(run: Run, model, optimizer, task: Task, micro: list[dict], lr: fl
                 loss, stats = task.loss_fn(model, mb)
             acc.backward(loss * scale)
             if acc.sync_gradients and cfg.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = (clip_grad_norm_(params, cfg.max_grad_norm) if run.sharding == "fsdp"
+                             else acc.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _add(sums, loss.detach(), {k: v.detach() for k, v in stats.items()})
@@ -225,7 +229,7 @@ def _resume_progress(run: Run) -> _Progress:
     progress = _Progress(start=int(state.get("step", 0)), tokens=int(state.get("tokens", 0)),
                          elapsed_before=float(state.get("elapsed_s", 0.0)))
     progress.last_saved = progress.start
-    run.accelerator.load_state(str(run.resume_from))
+    load_checkpoint(run, run.resume_from)
     return progress
 
 

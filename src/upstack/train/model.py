@@ -61,18 +61,34 @@ def build_optimizer(cfg: TrainConfig, model):
 
 
 def prepare_model(run: Run, model):
-    """Gradient checkpointing, optimizer over trainable parameters only, accelerate.prepare."""
+    """Gradient checkpointing, then either upstack's FSDP2 (every decoder layer and the root sharded, the
+    optimizer over the shards, only the optimizer given to accelerate: no DDP wrapper) or accelerate.prepare
+    (DDP, DeepSpeed, one process). Records how the run is distributed in run.info: sharding, processes,
+    params_local (parameter elements this process holds)."""
+    import os
+
     from accelerate.utils import DistributedType
 
     cfg = run.cfg
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or (run.sharding == "fsdp" and
+                                      os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"):
         _enable_gradient_checkpointing(model)
     model.train()
+    if run.sharding == "fsdp":
+        from upstack.train.sharding import local_numel, shard_model
+
+        model = shard_model(model, run.accelerator.device)
+        optimizer = run.accelerator.prepare(build_optimizer(cfg, model))  # steps only on sync micro-batches
+        run.model, run.optimizer = model, optimizer
+        run.info.update({"sharding": "fsdp", "processes": run.world, "params_local": local_numel(model)})
+        return model, optimizer
     optimizer = build_optimizer(cfg, model)
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed wants the micro-batch size, which it would otherwise read from a prepared DataLoader.
         run.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     model, optimizer = run.accelerator.prepare(model, optimizer)
+    run.info.update({"sharding": run.sharding, "processes": run.world,
+                     "params_local": sum(p.numel() for p in model.parameters())})
     return model, optimizer
 
 

@@ -53,6 +53,9 @@ class Run:
     identity: dict = field(default_factory=dict)   # resume_identity: what this run trains, on what
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the work folder's lock
     locked: bool = False                           # this process holds it (never touch another run's folder)
+    sharding: str = "none"                         # fsdp (upstack's FSDP2), deepspeed, ddp or none
+    model: Any = None                              # under FSDP: the sharded model and its optimizer, for the
+    optimizer: Any = None                          # sharded checkpoints (accelerate's save_state does not see them)
 
     @property
     def is_main(self) -> bool:
@@ -133,10 +136,12 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
     return found
 
 
-def resume_identity(cfg: TrainConfig, stage: str, world_size: int) -> dict:
+def resume_identity(cfg: TrainConfig, stage: str, world_size: int, sharding: str = "none") -> dict:
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
     identity = {"stage": stage, "config": conf, "model": model_fingerprint(cfg.model),
                 "inputs": inputs_fingerprint(cfg), "world_size": world_size}
+    if sharding == "fsdp":  # its checkpoints are sharded (torch.distributed.checkpoint), not accelerate's
+        identity["sharding"] = sharding
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
 
 
@@ -159,6 +164,8 @@ def identity_diff(old: dict, new: dict) -> str:
             diffs.append(f"{k}: {a!r} -> {b!r}")
     if old.get("world_size") != new.get("world_size"):
         diffs.append(f"processes: {old.get('world_size')} -> {new.get('world_size')}")
+    if old.get("sharding", "none") != new.get("sharding", "none"):
+        diffs.append(f"sharding: {old.get('sharding', 'none')} -> {new.get('sharding', 'none')}")
     return "; ".join(diffs)
 
 
@@ -202,6 +209,18 @@ def _cpu_only_launch() -> bool:
         return False
     has = getattr(torch, "accelerator", None)
     return not (has.is_available() if has is not None else torch.cuda.is_available())
+
+
+def _sharding_of(acc, fsdp: bool) -> str:
+    from accelerate.utils import DistributedType
+
+    if fsdp:
+        return "fsdp"
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if acc.distributed_type == DistributedType.FSDP:  # not reached: check_fsdp takes FSDP over from accelerate
+        return "fsdp"
+    return "ddp" if acc.num_processes > 1 else "none"
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -293,18 +312,22 @@ def _remove_partial_checkpoints(work: Path) -> None:
 
 def start_run(cfg: TrainConfig, stage: str) -> Run:
     """Check the output and work folders, create the Accelerator, decide fresh start vs resume."""
+    from upstack.train.sharding import check_fsdp
+
+    fsdp = check_fsdp(cfg)  # an FSDP launch that cannot shard is refused here, before any work
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
     check_model_path(cfg.model)
     check_train_layers(cfg.train_layers, cfg.model)
     run = Run(cfg, stage, _make_accelerator(cfg), out, work_dir_for(out))
+    run.sharding = _sharding_of(run.accelerator, fsdp)
     try:
         _check_accumulation(run)
         if run.is_main:
             run.held.enter_context(output_lock(run.work, "trained"))
             run.locked = True
             _remove_partial_checkpoints(run.work)
-        identity = run.identity = resume_identity(cfg, stage, run.world)
+        identity = run.identity = resume_identity(cfg, stage, run.world, run.sharding)
         if run.work.exists() and not cfg.resume:
             _clear_for_fresh_start(run, identity)
         if cfg.resume and run.work.exists() and (run.work / "run.json").is_file():
@@ -328,6 +351,7 @@ def close_run(run: Run, failed: bool = False) -> None:
     if failed and run.locked and run.work.is_dir() and {p.name for p in run.work.iterdir()} <= _DISPOSABLE:
         shutil.rmtree(run.work, ignore_errors=True)
     run.held.close()  # release the work folder's lock
+    run.model = run.optimizer = None
     acc = run.accelerator
     acc.free_memory()  # drop its references to the model and optimizer (and empty the CUDA cache)
     if acc.num_processes > 1:
