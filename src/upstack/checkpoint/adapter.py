@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,45 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 CHUNK_BYTES = 64 << 20  # fp32 bytes of base rows computed at once
+AHEAD = 1               # chunks computed ahead of the writer, in a background thread
+
+
+def ahead(chunks, depth: int = AHEAD):
+    """Iterate `chunks` in a background thread, `depth` items ahead of the consumer (torch and file reads
+    release the GIL, so computing the next chunk overlaps writing this one). Errors are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in chunks:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+            return
+        q.put(done)
+
+    thread = threading.Thread(target=run, name="adapter-merge", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 @dataclass
@@ -165,11 +206,14 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
 
 def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out: bool, dtype: str,
                  allow_nonfinite: bool = False) -> TensorPlan:
-    def compute():
+    def checked():
         for chunk in _merged_chunks():
             if not allow_nonfinite and not all_finite(chunk):
                 raise nonfinite_error(name)
             yield tensor_to_bytes(chunk)
+
+    def compute():  # chunk k+1 is computed while the writer writes chunk k
+        return ahead(checked())
 
     def _merged_chunks():
         import torch
@@ -186,14 +230,15 @@ def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out
         mag = load_tensor(mod.magnitude).float().reshape(-1) if mod.magnitude is not None else None
         cols = base_ref.shape[1]
         step = max(1, min(rows, CHUNK_BYTES // (4 * max(1, cols))))
-        # One set of buffers per tensor, reused chunk after chunk (the writer consumes a chunk before it
-        # asks for the next): raw bytes read, the fp32 sum, the output in its dtype. No temporaries.
+        # Buffers per tensor, reused chunk after chunk, no temporaries: raw bytes read, the fp32 sums and the
+        # output in its dtype. AHEAD + 2 sums rotate: one chunk being written, AHEAD queued, one computed.
         raw = bytearray(step * base_ref.nbytes // rows)
-        work = torch.empty(step, cols, dtype=torch.float32)
-        out = work if out_dt == torch.float32 else torch.empty(step, cols, dtype=out_dt)
+        works = [torch.empty(step, cols, dtype=torch.float32) for _ in range(AHEAD + 2)]
+        outs = works if out_dt == torch.float32 else [torch.empty(step, cols, dtype=out_dt) for _ in works]
         left, right = (a.T, b.T) if fan_in_fan_out else (b, a)
-        for lo in range(0, rows, step):
+        for k, lo in enumerate(range(0, rows, step)):
             hi = min(rows, lo + step)
+            work, out = works[k % len(works)], outs[k % len(works)]
             w = work[:hi - lo]
             w.copy_(load_tensor(base_ref, (lo, hi), into=raw))
             w.addmm_(left[lo:hi], right, alpha=mod.scale)  # W + scale x B @ A, in place
