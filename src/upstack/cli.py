@@ -20,6 +20,7 @@ import threading
 import upstack.commands
 from upstack import __version__
 from upstack.errors import UpstackError
+from upstack.hub import hide_hub_progress_bars
 from upstack.outputs import Terminated, raise_on_sigterm
 
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+        hide_hub_progress_bars()
     # SIGTERM (kill, a scheduler's preemption) stops like Ctrl-C: partial outputs removed, training saves a
     # checkpoint; exit 143.
     main_thread = threading.current_thread() is threading.main_thread()

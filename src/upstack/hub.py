@@ -23,3 +23,17 @@ def offline_reason() -> str:
 def is_hub_id(text: str) -> bool:
     """`org/name` or `name`, as the Hub spells repository ids (never a path starting with . / ~)."""
     return bool(_HUB_ID.fullmatch(text)) and not text.startswith((".", "/", "~"))
+
+
+def hide_hub_progress_bars() -> None:
+    """No "Loading weights" / "Writing model shards" bars from transformers and huggingface_hub: for --quiet
+    and inside recipes, where a stage's own lines say what runs. Works before or after their import."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

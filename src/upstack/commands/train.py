@@ -152,7 +152,23 @@ def _describe(stage: str, s: dict) -> str:
         parts.append(f"reward margin {s['final_rewards/margin']:.4f}, accuracy {s['final_rewards/accuracy']:.2f}")
     if s.get("tokens_per_s"):
         parts.append(f"{s['tokens_per_s']:,.0f} tokens/s")
-    return f"{stage}: wrote {s['out']} ({', '.join(parts)})"
+    return f"{stage}: wrote {s['out']} ({', '.join(parts)})" + _skipped(s)
+
+
+def _skipped(s: dict) -> str:
+    """With --skip-bad-rows: how many rows were skipped, and why (by reason)."""
+    reasons: dict[str, int] = {}
+    for src in (s.get("data") or {}).get("sources", []):
+        for reason, count in (src.get("skip_reasons") or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    if not s.get("skipped_rows") and not reasons:
+        return ""
+    other = (s.get("skipped_rows") or 0) - sum(reasons.values())
+    if other > 0:
+        reasons["could not be encoded (template or tokenizer)"] = other
+    lines = [f"\nskipped {sum(reasons.values())} malformed row(s):"]
+    lines += [f"  {count} x {reason}" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
 
 
 def _dry_run(args, cfg, check) -> int:

@@ -180,7 +180,8 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], train_from:
                 text, sp, exact = render_with_spans(tokenizer, conversation, train_from[j])
             except DataError as e:
                 if not skip_bad_rows:
-                    raise DataError(f"training row {j + 1}: {e}") from None
+                    raise DataError(f"training row {j + 1}: {e} (--skip-bad-rows skips such rows and counts "
+                                    "them)") from None
                 stats["skipped"] += 1
                 continue
             except Exception as e:  # jinja raises its own errors (TemplateError, exceptions the template raises)

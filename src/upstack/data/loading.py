@@ -99,12 +99,15 @@ def _read_source(spec: DataSpec, files: list[Path] | None, kind: str, src: Sourc
                 raise  # could not detect the format
             message = f"{where} row {n}: {e}"
             if not skip_bad_rows:
-                raise DataError(message) from None
+                raise DataError(message + SKIP_HINT) from None
             src.skip(str(e), message)
     src.kept = len(rows)
     if not rows:
         raise DataError(f"{src.spec}: no usable rows ({src.counts()})" + _first_skip(src))
     return rows
+
+
+SKIP_HINT = " (--skip-bad-rows skips malformed rows like this one and counts them by reason)"
 
 
 def _first_skip(src: SourceReport) -> str:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -57,6 +58,7 @@ class DataSpec:
 _SPEC_TYPES = {f.name: f.type for f in dataclasses.fields(DataSpec)}
 _SPEC_KEYS = [f.name for f in dataclasses.fields(DataSpec) if f.name != "path"]
 _OPTIONS_START = re.compile(rf"(?:{'|'.join(_SPEC_KEYS)})\s*=")
+_UNKNOWN_OPTION = re.compile(r":([A-Za-z_]\w*)\s*=")  # ":key=" after the path, with a key we do not know
 
 
 def parse_data_spec(text: str) -> DataSpec:
@@ -73,6 +75,12 @@ def parse_data_spec(text: str) -> DataSpec:
         return DataSpec(path=text)
     cut = next((i for i, ch in enumerate(text) if ch == ":" and _OPTIONS_START.match(text, i + 1)), None)
     if cut is None:
+        typo = _UNKNOWN_OPTION.search(text)
+        if typo:  # `my.jsonl:fromat=alpaca`: options with a misspelled key, not a file name
+            close = difflib.get_close_matches(typo.group(1), _SPEC_KEYS, n=1, cutoff=0.6)
+            raise ConfigError(f"data spec {text!r}: unknown key {typo.group(1)}"
+                              + (f" (did you mean {close[0]}?)" if close else "")
+                              + f"; the keys are {', '.join(_SPEC_KEYS)}")
         return DataSpec(path=text)
     path, options = text[:cut], text[cut + 1:]
     values: dict[str, Any] = {}
@@ -80,8 +88,9 @@ def parse_data_spec(text: str) -> DataSpec:
         key, sep, value = item.partition("=")
         key, value = key.strip(), unquote(value.strip())
         if not sep or key not in _SPEC_KEYS:
+            close = difflib.get_close_matches(key, _SPEC_KEYS, n=1, cutoff=0.6) if sep else []
             raise ConfigError(f"data spec {text!r}: {item.strip()!r} is not key=value with a known key"
-                              f" ({', '.join(_SPEC_KEYS)})")
+                              + (f" (did you mean {close[0]}?)" if close else "") + f" ({', '.join(_SPEC_KEYS)})")
         if key in values:
             raise ConfigError(f"data spec {text!r}: {key} given twice")
         if not value:

@@ -13,6 +13,7 @@ import time
 
 from upstack.config import config_from_dict, config_to_dict
 from upstack.errors import ConfigError, UpstackError
+from upstack.hub import hide_hub_progress_bars
 from upstack.outputs import output_lock, write_text_atomic
 from upstack.pipeline.fingerprint import stage_done, stage_fingerprint
 from upstack.pipeline.plan import disk_need, estimate_stage
@@ -86,6 +87,7 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
 
 def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet: bool, report: bool, log) -> dict:
     main = state is None or state.is_main_process
+    hide_hub_progress_bars()  # each stage says when it starts and ends; per-file loading bars are noise here
     if main:
         (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
     summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
