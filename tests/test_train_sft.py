@@ -365,3 +365,20 @@ def test_a_large_eval_fraction_keeps_one_training_example(model_dir, tmp_path):
     summary = sft(sft_cfg(model_dir, tmp_path, [str(data)], max_steps=1, batch_size=1, eval_fraction=0.9,
                           packing=False))
     assert summary["train_rows"] == 1 and summary["eval_rows"] == 1 and summary["steps"] == 1
+
+
+def test_a_step_never_repeats_a_packed_row(model_dir, tmp_path, caplog):
+    """16 short examples pack into a few rows: --batch-size 16 once used each packed row several times in
+    one step (epoch 4.0). The batch is capped to the rows there are, and the log says so."""
+    from upstack.train.sft import sft
+
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(16))
+    out = tmp_path / "out"
+    summary = sft(sft_cfg(model_dir, tmp_path, [str(data)], max_steps=1, batch_size=16, packing=True,
+                          max_length=256))
+    start = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    rows = start["items"]
+    assert rows < 16 and start["global_batch"] == rows and summary["steps"] == 1
+    assert train[-1]["epoch"] == pytest.approx(1.0)
+    assert f"--batch-size 16 capped to {rows}" in caplog.text

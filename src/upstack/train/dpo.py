@@ -40,7 +40,7 @@ from upstack.train.lora import AdapterDisabled, lora_enabled
 from upstack.train.loop import Task, train_loop
 from upstack.train.model import load_training_model, prepare_model, trainable_model
 from upstack.train.run import Run, identity_key, seed_everything, start_run
-from upstack.train.schedule import EpochOrder, global_batch_size, total_steps
+from upstack.train.schedule import EpochOrder, fit_batch_to_items, global_batch_size, total_steps
 
 log = logging.getLogger("upstack.train")
 
@@ -236,6 +236,7 @@ def dpo(cfg: DPOConfig) -> dict:
                          "precompute_ref": cfg.precompute_ref,
                          "skipped_rows": stats["skipped"] + sum(s.skipped for s in data.report.sources), **layers})
 
+        fit_batch_to_items(cfg, len(pairs), run.world, "pairs", run.warn)
         model, optimizer = prepare_model(run, model)
         ref_model = None
         ref_path = cfg.ref_model or cfg.model

@@ -27,6 +27,7 @@ from upstack.train.inputs import held_out_split
 from upstack.train.loop import Task, train_loop
 from upstack.train.metrics import add_perplexity
 from upstack.train.model import lm_loss, load_training_model, prepare_model, trainable_model
+from upstack.train.schedule import fit_batch_to_items
 from upstack.train.run import Run, data_fingerprint, identity_key, seed_everything, start_run, tokenizer_fingerprint
 
 log = logging.getLogger("upstack.train")
@@ -241,6 +242,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             return collate_segments(rows_of(eval_tokens, eval_blocks, idx), pad_id, reset)
 
         model, optimizer = prepare_model(run, model)
+        fit_batch_to_items(cfg, len(blocks), run.world, "blocks", run.warn)
         task = Task(n_items=len(blocks), collate=collate, loss_fn=lm_loss, n_eval=len(eval_blocks),
                     eval_collate=eval_collate, derive=add_perplexity)
         summary = train_loop(run, model, optimizer, task)

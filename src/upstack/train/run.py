@@ -81,6 +81,10 @@ class Run:
         if self.is_main:
             log.info(msg)
 
+    def warn(self, msg: str) -> None:
+        if self.is_main:
+            log.warning(msg)
+
     def __enter__(self) -> "Run":
         return self
 

@@ -9,12 +9,27 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from upstack.errors import ConfigError
 from upstack.train.config import TrainConfig
 
 
 def global_batch_size(cfg: TrainConfig, world: int) -> int:
     """Items per optimizer step: batch_size x grad_accum x processes."""
     return cfg.batch_size * cfg.grad_accum * world
+
+
+def fit_batch_to_items(cfg: TrainConfig, n_items: int, world: int, what: str, log) -> None:
+    """A step must not use an item twice: when batch_size x grad_accum x processes exceeds the items (a
+    small set, or few packed rows), cap --batch-size to fit and say so; refuse when even 1 does not fit."""
+    if global_batch_size(cfg, world) <= n_items:
+        return
+    fit = n_items // (cfg.grad_accum * world)
+    if fit < 1:
+        raise ConfigError(f"only {n_items} training {what}, fewer than --grad-accum {cfg.grad_accum} x {world} "
+                          "process(es): a step would use one twice; lower --grad-accum or add data")
+    log(f"--batch-size {cfg.batch_size} capped to {fit}: there are only {n_items} training {what}, and a step "
+        f"must not use one twice ({fit} x {cfg.grad_accum} accumulation x {world} process(es) per step)")
+    cfg.batch_size = fit
 
 
 def total_steps(cfg: TrainConfig, n_items: int, world: int) -> int:

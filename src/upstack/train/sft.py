@@ -23,6 +23,7 @@ from upstack.train.loop import Task, train_loop
 from upstack.train.checkpointing import save_final
 from upstack.train.metrics import add_perplexity
 from upstack.train.model import lm_loss, load_training_model, prepare_model, trainable_model
+from upstack.train.schedule import fit_batch_to_items
 from upstack.train.run import seed_everything, start_run
 
 log = logging.getLogger("upstack.train")
@@ -107,6 +108,7 @@ def sft(cfg: SFTConfig) -> dict:
             items = pack_examples(order, [enc.length(i) for i in range(len(enc))], cfg.max_length)
         else:
             items = [[k] for k in keep]
+        fit_batch_to_items(cfg, len(items), run.world, "packed rows" if packing else "rows", run.warn)
 
         def collate(idx: list[int]) -> dict:
             return collate_segments([[enc.get(e) for e in items[i]] for i in idx], pad_id, reset, run.pad_multiple)
