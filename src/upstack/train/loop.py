@@ -73,11 +73,20 @@ class _Progress:
     steady_time: float = 0.0
     window_tokens: int = 0        # tokens since the last logged step
     window_start: float = field(default_factory=time.perf_counter)
+    window_loss: float = 0.0      # summed step losses since the last logged step (the progress bar's mean)
+    window_steps: int = 0
+    postfix: dict = field(default_factory=dict)  # the progress bar's lr and tokens/s at the last logged step
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
+    def mean_loss(self) -> float:
+        """The running mean loss of the current logging window (what the progress bar shows)."""
+        return self.window_loss / max(self.window_steps, 1)
+
     def count(self, step: int, n_tokens: int, seconds: float) -> None:
+        self.window_loss += float(self.last.get("loss", 0.0))
+        self.window_steps += 1
         self.tokens += n_tokens
         if step > self.start:
             self.steady_tokens += n_tokens
@@ -254,7 +263,9 @@ def _log_step(run: Run, bar, progress: _Progress, done: int, steps: int, lr: flo
     if grad_norm is not None:
         rec["grad_norm"] = float(grad_norm)
     run.metrics.write(rec)
-    bar.set_postfix(loss=f"{progress.last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+    progress.postfix = {"lr": f"{lr:.2e}", "tok_s": f"{tps:,.0f}"}
+    bar.set_postfix(loss=f"{progress.mean_loss():.4f}", **progress.postfix, refresh=False)
+    progress.window_loss, progress.window_steps = 0.0, 0
 
 
 def _eval_record(run: Run, model, task: Task, step: int) -> dict:
@@ -287,6 +298,8 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
                 progress.count(step, int(n_tokens), time.perf_counter() - t0)
                 done = step + 1
                 _log_step(run, bar, progress, done, steps, lr, grad_norm, task.n_items)
+                if progress.window_steps:  # between logged steps, the window's running mean (not a stale loss)
+                    bar.set_postfix(loss=f"{progress.mean_loss():.4f}", **progress.postfix, refresh=False)
                 bar.update(1)
                 if cfg.eval_steps and done % cfg.eval_steps == 0 and done < steps and task.n_eval:
                     _eval_record(run, model, task, done)

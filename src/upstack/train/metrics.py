@@ -15,6 +15,9 @@ log = logging.getLogger("upstack.train")
 Derive = Callable[[dict, str], dict]
 
 
+_TB_NOTED = False  # the missing-tensorboard line is said once per process
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) and, when installed, TensorBoard; main process only."""
 
@@ -34,7 +37,7 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(work / "tensorboard"),
                                         purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:
-                log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+                self.tb_missing = True  # said once per process, at the first record (not before an error)
 
     def _truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step` (a resumed run logs them again) and lines cut by a crash."""
@@ -49,8 +52,12 @@ class MetricsLog:
         self.path.write_text("".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
+        global _TB_NOTED
         if not self.enabled:
             return
+        if getattr(self, "tb_missing", False) and not _TB_NOTED:
+            _TB_NOTED = True
+            log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
         self.fh.write(json.dumps(record, default=float) + "\n")
         self.fh.flush()
         if self.tb is not None and record.get("step") is not None:

@@ -284,7 +284,7 @@ def _find_resume_point(run: Run) -> None:
     """--resume: the latest checkpoint of the work folder, if any, and its trainer_state.json."""
     work = run.work
     if not work.exists():
-        run.log(f"nothing to resume in {work}; starting from the beginning")
+        log.debug("nothing to resume in %s; starting from the beginning", work)
         return
     ckpts = list_checkpoints(work)
     if ckpts:
