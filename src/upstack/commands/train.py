@@ -108,6 +108,10 @@ def _add_common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT (and discard OUT.work)")
     p.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep OUT.work after success")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    p.add_argument("--report-to", metavar="NAMES",
+                   help="experiment trackers, comma-separated: tensorboard (default), wandb, mlflow, trackio, or none; "
+                        "each gets the metrics of metrics.jsonl and the run config (offline: WANDB_MODE=offline, "
+                        "MLFLOW_TRACKING_URI=sqlite:///mlflow.db, TRACKIO_DIR=DIR)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the options and print the memory plan (full, LoRA, QLoRA) from MODEL's config.json; "
                         "train nothing")

@@ -11,6 +11,7 @@ from upstack.data.loading import DataSpec, parse_data_spec
 from upstack.errors import ConfigError, UpstackError
 from upstack.train.layers import parse_train_layers
 from upstack.train.lora import lora_problems
+from upstack.train.metrics import tracker_problems
 
 DTYPES = ("fp32", "bf16", "bf16-mixed")
 _DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "f32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -70,6 +71,7 @@ class TrainConfig:
     overwrite: bool = False
     keep_checkpoints: bool = False              # keep <out>.work after success
     tensorboard: bool = True
+    report_to: Union[str, list[str]] = "tensorboard"  # tensorboard, wandb, mlflow, trackio (comma list) or none
     progress: bool = True
 
 
@@ -111,6 +113,7 @@ def check_config(cfg: TrainConfig) -> None:
         except UpstackError as e:
             problems.append(f"save_dtype: {e}")
     problems += lora_problems(cfg, _DTYPE_ALIASES.get(str(cfg.dtype).lower()))
+    problems += tracker_problems(cfg.report_to)
     if problems:
         raise ConfigError("; ".join(problems))
     cfg.dtype = _DTYPE_ALIASES[str(cfg.dtype).lower()]

@@ -9,6 +9,8 @@ import resource
 from pathlib import Path
 from typing import Callable, Optional
 
+from upstack.errors import UpstackError
+
 log = logging.getLogger("upstack.train")
 
 # Extra metrics computed from averaged ones; the prefix is "" (train) or "eval_".
@@ -21,12 +23,15 @@ _TB_NOTED = False  # the missing-tensorboard line is said once per process
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) and, when installed, TensorBoard; main process only."""
 
-    def __init__(self, work: Path, enabled: bool, tensorboard: bool, resume_step: Optional[int]):
+    def __init__(self, work: Path, enabled: bool, tensorboard: bool, resume_step: Optional[int],
+                 trackers: tuple[str, ...] = (), run_name: str = "", config: Optional[dict] = None):
         self.path = work / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.trackers: list = []
         if not enabled:
             return
+        self.trackers = start_trackers(trackers, run_name, config or {})
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self.fh = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
@@ -60,10 +65,15 @@ class MetricsLog:
             log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
         self.fh.write(json.dumps(record, default=float) + "\n")
         self.fh.flush()
-        if self.tb is not None and record.get("step") is not None:
-            for k, v in record.items():
-                if k not in ("step", "type") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{record.get('type', 'train')}/{k}", v, record["step"])
+        if record.get("step") is None or not (self.tb is not None or self.trackers):
+            return
+        values = {f"{record.get('type', 'train')}/{k}": v for k, v in record.items()
+                  if k not in ("step", "type") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, record["step"])
+        for tracker in self.trackers:
+            tracker.log(values, step=record["step"])
 
     def close(self) -> None:
         if self.enabled:
@@ -71,6 +81,65 @@ class MetricsLog:
             self.fh.close()
             if self.tb is not None:
                 self.tb.close()
+            for tracker in self.trackers:
+                tracker.finish()
+
+
+# --report-to: TensorBoard is written by MetricsLog itself (as before); these go through accelerate's
+# tracker classes. Offline use: WANDB_MODE=offline (and WANDB_DIR), MLFLOW_TRACKING_URI (sqlite:///f.db, or
+# file:/path with MLFLOW_ALLOW_FILE_STORE=true), TRACKIO_DIR (trackio's local database).
+TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # name -> the package it needs
+REPORT_TO = ("tensorboard", *TRACKERS, "none")
+
+
+def report_to_names(value) -> list[str]:
+    """--report-to as a list of names ("a,b" or a list); "none" means none."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    names = [str(x).strip().lower() for x in items if str(x).strip()]
+    return [] if names == ["none"] else names
+
+
+def tracker_problems(value) -> list[str]:
+    """Values only, plus whether each tracker's package is installed (no import)."""
+    import importlib.util
+
+    problems = []
+    for name in report_to_names(value):
+        if name not in REPORT_TO or name == "none":
+            problems.append(f"report_to: {name!r} is not one of {', '.join(REPORT_TO)}")
+        elif name in TRACKERS and importlib.util.find_spec(TRACKERS[name]) is None:
+            problems.append(f"report_to: {name} is not installed (pip install {TRACKERS[name]})")
+    return problems
+
+
+def _flat_config(config: dict) -> dict:
+    """Tracker-friendly hyperparameters: scalars as they are, everything else as text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v, default=str)
+            for k, v in config.items()}
+
+
+def start_trackers(names, run_name: str, config: dict) -> list:
+    """Started accelerate trackers for the names that are not TensorBoard, with the run's config stored."""
+    from accelerate.tracking import MLflowTracker, TrackioTracker, WandBTracker
+
+    out = []
+    for name in names:
+        if name == "wandb":
+            tracker = WandBTracker("upstack", name=run_name)  # WANDB_DIR (default ./wandb) says where
+        elif name == "mlflow":
+            tracker = MLflowTracker(experiment_name="upstack", run_name=run_name)
+        elif name == "trackio":
+            tracker = TrackioTracker("upstack", name=run_name)
+        else:
+            continue
+        try:
+            tracker.start()
+            tracker.store_init_configuration(_flat_config(config))
+        except Exception as e:  # each tracker library raises its own errors (bad URI, no login, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UpstackError(f"--report-to {name}: cannot start the tracker ({type(e).__name__}: {first})") from None
+        out.append(tracker)
+    return out
 
 
 def averaged(sums: dict[str, float], count: float, prefix: str, derive: Optional[Derive]) -> dict:

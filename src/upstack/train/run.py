@@ -26,13 +26,13 @@ from upstack.data.sources import resolve_files
 from upstack.outputs import check_output_free, file_identity, output_lock
 from upstack.train.config import TrainConfig, train_and_eval_specs
 from upstack.train.layers import check_train_layers
-from upstack.train.metrics import MetricsLog
+from upstack.train.metrics import MetricsLog, report_to_names
 
 log = logging.getLogger("upstack.train")
 
 # Options that may change between a run and its --resume (they do not change what is trained).
 RESUME_FREE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "logging_steps",
-               "tensorboard", "keep_checkpoints", "eval_steps"}
+               "tensorboard", "report_to", "keep_checkpoints", "eval_steps"}
 # What a failed start leaves that is not worth keeping (no checkpoint, no cache).
 _DISPOSABLE = {"run.json", "metrics.jsonl", "tensorboard"}
 
@@ -302,8 +302,12 @@ def _open_work_dir(run: Run, identity: dict) -> None:
         run.work.mkdir(parents=True, exist_ok=True)
         (run.work / "run.json").write_text(json.dumps(identity, indent=2, default=str) + "\n")
     run.accelerator.wait_for_everyone()
-    run.metrics = MetricsLog(run.work, run.is_main, run.cfg.tensorboard,
-                             run.state.get("step") if run.resume_from else None)
+    names = report_to_names(run.cfg.report_to)
+    run.metrics = MetricsLog(run.work, run.is_main, run.cfg.tensorboard and "tensorboard" in names,
+                             run.state.get("step") if run.resume_from else None,
+                             trackers=tuple(n for n in names if n != "tensorboard"),
+                             run_name=f"{run.out.name}-{run.stage}", config={"stage": run.stage,
+                                                                              **config_to_dict(run.cfg)})
 
 
 def _remove_partial_checkpoints(work: Path) -> None:
