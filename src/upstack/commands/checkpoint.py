@@ -7,7 +7,7 @@ import sys
 
 from upstack.arch import ARCHS, format_layer_ranges, layer_runs
 from upstack.checkpoint import inspect_checkpoint, read_config, verify_checkpoint
-from upstack.commands.output import format_table, human_bytes, print_json
+from upstack.commands.output import add_writer_flags, format_table, human_bytes, print_json
 from upstack.upscale import UpscaleConfig, upscale
 
 ORDER = 10
@@ -47,14 +47,9 @@ def register(sub, common) -> None:
                    help='explicit source-layer ranges, end-inclusive, e.g. "0-23,8-31" (overrides --method)')
     p.add_argument("--every", type=int, default=None, help="interleave: insert a zeroed copy after every K blocks")
     p.add_argument("--dtype", default=None, help="cast floating tensors (float32, bfloat16, float16); default keeps source")
-    p.add_argument("--shard-size", default="5GB", help="max shard size with units: 5GB (default), 500MB, 2GiB")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (layer map, config changes, size) and write nothing")
+    add_writer_flags(p, dry_run="print the plan (layer map, config changes, size) and write nothing")
     p.add_argument("--allow-unknown-arch", action="store_true",
                    help="try the generic 'model.layers.N.' pattern for an architecture not in the table (warns)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
-    p.add_argument("--json", action="store_true", help="print the plan/result as JSON")
     p.set_defaults(func=run_upscale)
 
     p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's architecture, sizes and dtypes",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from upstack.commands.output import format_table, human_bytes, print_json
+from upstack.commands.output import add_writer_flags, format_table, human_bytes, print_json
 from upstack.errors import ConfigError
 from upstack.merge import (
     MergeAdapterConfig, MergeConfig, ModelEntry, config_from_yaml, format_param, merge, merge_adapter,
@@ -41,6 +41,8 @@ examples:
 """
 
 
+NONFINITE_HELP = "write merged tensors that hold NaN or inf (refused by default, naming the tensor)"
+
 MERGE_ADAPTER_HELP = """\
 Merge a PEFT LoRA adapter (ours from `--lora` training, or anyone's: rsLoRA, DoRA, rank/alpha patterns,
 modules_to_save) into its base checkpoint, tensor by tensor: W + scale x B @ A computed in fp32 and written
@@ -71,16 +73,10 @@ def register(sub, common) -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="scale of the merged task vector (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed of DARE's random drop (default 0)")
     p.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the inputs'")
-    p.add_argument("--shard-size", default=None, help="max shard size with units: 5GB (default), 500MB, 2GiB")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
-    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
+    add_writer_flags(p, dry_run="check everything and print the plan; write nothing", shard_default=None)
     p.add_argument("--workers", type=int, default=None,
                    help="compute threads (default: one per CPU this process may use, at most 8)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="write merged tensors that hold NaN or inf (refused by default, naming the tensor)")
-    p.add_argument("--json", action="store_true", help="print the plan/result as JSON")
+    p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("merge-adapter", parents=[common], help="merge a PEFT LoRA adapter into its base checkpoint",
@@ -91,14 +87,8 @@ def register(sub, common) -> None:
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", default=None, help="output dtype of floating tensors (float32, bfloat16, float16); "
                                                  "default: each base tensor's own")
-    p.add_argument("--shard-size", default="5GB", help="max shard size with units (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
-    p.add_argument("--dry-run", action="store_true", help="check base and adapter, print the plan; write nothing")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read a base stored as pickled .bin weights (loaded with torch.load(weights_only=True))")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="write merged tensors that hold NaN or inf (refused by default, naming the tensor)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_writer_flags(p, dry_run="check base and adapter, print the plan; write nothing", pickle_what="base weights")
+    p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
     p.set_defaults(func=run_merge_adapter)
 
 

@@ -1,4 +1,5 @@
-"""Shared printing helpers for commands: JSON output and simple aligned tables (no subcommand here)."""
+"""Shared helpers for commands: JSON output, simple aligned tables, the flags every checkpoint writer has
+(no subcommand here)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def human_bytes(n: int) -> str:
         n /= 1000
     return str(n)
 
+
+def add_writer_flags(p, *, dry_run: str, shard_default: str | None = "5GB", pickle_what: str = "weights") -> None:
+    """The flags of every command that writes a checkpoint: shard size, overwrite, dry run, pickle, JSON."""
+    p.add_argument("--shard-size", default=shard_default, help="max shard size with units: 5GB (default), 500MB, 2GiB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help=f"read pickled .bin {pickle_what} (loaded with torch.load(weights_only=True))")
+    p.add_argument("--json", action="store_true", help="print the plan/result as JSON")
