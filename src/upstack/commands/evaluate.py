@@ -42,7 +42,9 @@ a DPO model started from) the DPO implicit-reward accuracy and margin; --prefere
 the metrics down by a field of the rows (the demo's pairs have `kind`: the kind of wrong answer).
 
 Results: a markdown table on stdout (--json: the results JSON); --output FILE writes the JSON and
-FILE.md. --compare A.json B.json ... prints several results side by side.
+FILE.md (an existing FILE needs --overwrite); --log-samples also writes each task's per-document
+records beside it (samples_<task>_<time>.jsonl, as lm-eval --log_samples). --compare A.json B.json ...
+prints several results side by side.
 
 examples:
   upstack eval runs/tiny/merge --tasks h6 --data-dir ../shared/data --limit 20 --output runs/tiny/eval.json
