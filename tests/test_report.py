@@ -119,8 +119,19 @@ def test_rows_need_two_models(tmp_path):
     md = write_report(make_run(tmp_path), _recipe([{"title": "Up vs SFT", "models": ["upscale", "sft"]},
                                                    {"title": "SFT alone", "models": ["sft"]}])).read_text()
     tables = md.split("## Contamination test")[0]
-    assert "H6" not in tables and "preference acc." not in tables and "| contamination" not in tables
+    assert "| H6" not in tables and "| preference acc." not in tables and "| contamination" not in tables
     assert "GSM8K exact match (strict)" in tables and "SFT alone" not in md
+    # ... listed once under the table, not as rows of dashes
+    assert "Measured for one model only: H6 (mean of 6): `sft` 0.5; preference acc., all pairs: `sft` 0.75 ± 0.15 (n=8)" in md
+
+
+def test_one_model_run_shows_its_scores(tmp_path):
+    _stage(tmp_path, "sft", "sft", "2024-01-01T00:00:01")
+    _stage(tmp_path, "eval_sft", "eval", "2024-01-01T00:00:02", config={"model": str(tmp_path / "sft")},
+           files={"results.json": {"results": {"arc_challenge_local": {"acc_norm": 0.3, "acc_norm_stderr": 0.05}},
+                                   "n_samples": {"arc_challenge_local": {"original": 100, "effective": 100}}}})
+    md = write_report(tmp_path).read_text()
+    assert "| ARC-Challenge acc. (length-normalised) | 0.3 ± 0.05 (n=100) |" in md
 
 
 def test_contamination_explained(tmp_path):

@@ -250,20 +250,21 @@ def _cell(value, detail: dict | None) -> str:
     return _num(value) + (f" ± {se:.2g}" if se is not None else "") + (f" (n={n})" if n else "")
 
 
-def _compared_keys(models: dict[str, dict], names: list[str]) -> list[str]:
-    """The metrics at least two of `names` have (a row of one value compares nothing), in a stable order."""
+def _compared_keys(models: dict[str, dict], names: list[str], least: int = 2) -> list[str]:
+    """The metrics at least `least` of `names` have (a row of one value compares nothing), in a stable order;
+    contamination results have their own section."""
     counts: dict[str, int] = {}
     for m in names:
         for k in models.get(m, {}):
             counts[k] = counts.get(k, 0) + 1
-    return sorted(k for k, c in counts.items() if c >= 2 and not k.startswith("contamination/"))
+    return sorted(k for k, c in counts.items() if c >= least and not k.startswith("contamination/"))
 
 
-def _score_table(data: dict, names: list[str]) -> list[str]:
-    """Markdown rows: a row per metric at least two of `names` have, a column per model."""
+def _score_table(data: dict, names: list[str], keys: list[str]) -> list[str]:
+    """Markdown rows: a row per metric of `keys`, a column per model of `names`."""
     models, details, labels = data["models"], data.get("details", {}), data.get("labels", {})
     out = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for k in _compared_keys(models, names):
+    for k in keys:
         out.append(f"| {labels.get(k, k)} | "
                    + " | ".join(_cell(models.get(m, {}).get(k), details.get(m, {}).get(k)) for m in names) + " |")
     return out
@@ -357,21 +358,29 @@ def _header(run_dir: Path, recipe) -> list[str]:
 def _score_sections(data: dict, recipe) -> list[str]:
     """Scores by model (stage order): a row per metric two models have, a column per model; then the
     recipe's comparisons."""
-    models = data["models"]
+    models, labels = data["models"], data.get("labels", {})
+    names = list(models)
+    keys = _compared_keys(models, names, least=1 if len(names) == 1 else 2)
     lines = []
-    if models and _compared_keys(models, list(models)):
+    if keys:
         lines += ["## Scores by stage", "",
                   "Each cell: the score ± its standard error (lm-eval's for benchmarks, binomial for preference "
                   "accuracies) and the number of documents or pairs scored. Full metric keys are in results.json "
-                  "(`labels` maps them to these names).", "", *_score_table(data, list(models)), ""]
+                  "(`labels` maps them to these names).", "", *_score_table(data, names, keys), ""]
+        singles = [k for k in _compared_keys(models, names, least=1) if k not in keys]
+        if singles:
+            lines += ["Measured for one model only: " + "; ".join(
+                f"{labels.get(k, k)}: `{m}` {_cell(models[m][k], data['details'].get(m, {}).get(k))}"
+                for k in singles for m in names if k in models[m]) + ".", ""]
     for comp in ((recipe.raw.get("report") or {}).get("comparisons", []) if recipe is not None else []):
         title, cmodels = comp.get("title", "comparison"), [m for m in comp.get("models", []) if m in models]
-        if not _compared_keys(models, cmodels):
+        ckeys = _compared_keys(models, cmodels)
+        if not ckeys:
             continue
         lines += [f"## {title}", ""]
         if comp.get("note"):
             lines += [str(comp["note"]).strip(), ""]
-        lines += [*_score_table(data, cmodels), ""]
+        lines += [*_score_table(data, cmodels, ckeys), ""]
     return lines
 
 
