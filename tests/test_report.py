@@ -146,15 +146,15 @@ def test_reading_compares_each_stage_with_its_start_against_the_noise(tmp_path):
     reading = md.split("## Reading\n\n")[1].split("\n## ")[0]
     # +0.125 with 2 combined s.e. = 2 * sqrt(0.1^2 + 0.08^2) = 0.256: within noise; perplexity fell (no s.e.)
     assert "`sft` (from `upscale`)" in reading
-    assert "within noise: GSM8K exact match (strict) (+0.12, 2 s.e. 0.26)" in reading
-    assert "fell: perplexity, heldout.txt 20 → 12.5 (-38%, no s.e.)" in reading
+    assert "within noise: GSM8K exact match (strict) (+0.12)" in reading
+    assert "improved: perplexity, heldout.txt 20 → 12.5 (-38%, no s.e.)" in reading
     # beyond the noise: a bigger rise
     res = tmp_path / "eval_sft" / "results.json"
     data = json.loads(res.read_text())
     data["results"]["gsm8k_local"] = {"exact_match,strict-match": 0.75, "exact_match_stderr,strict-match": 0.1}
     res.write_text(json.dumps(data))
     reading = write_report(tmp_path).read_text().split("## Reading\n\n")[1].split("\n## ")[0]
-    assert "rose: GSM8K exact match (strict) 0.125 → 0.75 (+0.62, 2 s.e. 0.26)" in reading
+    assert "improved: GSM8K exact match (strict) 0.125 → 0.75 (+0.62, 2 s.e. 0.26); perplexity" in reading
 
 
 def test_plots_one_per_kind_of_loss_and_no_tie_point(tmp_path):

@@ -293,9 +293,10 @@ def _reading_keys(models: dict[str, dict]) -> list[str]:
 
 
 def compare_scores(data: dict, model: str, parent: str, keys: list[str]) -> dict[str, list[str]]:
-    """{"rose": [...], "fell": [...], "noise": [...]}: phrases for each metric both models have."""
+    """{"improved": [...], "worsened": [...], "noise": [...]}: a phrase for each metric both models have
+    (higher is better, but for perplexity)."""
     models, details, labels = data["models"], data.get("details", {}), data.get("labels", {})
-    out: dict[str, list[str]] = {"rose": [], "fell": [], "noise": []}
+    out: dict[str, list[str]] = {"improved": [], "worsened": [], "noise": []}
     for k in keys:
         a, b = models.get(parent, {}).get(k), models.get(model, {}).get(k)
         if a is None or b is None:
@@ -304,17 +305,18 @@ def compare_scores(data: dict, model: str, parent: str, keys: list[str]) -> dict
         sa, sb = (details.get(x, {}).get(k, {}).get("stderr") for x in (parent, model))
         label = labels.get(k, k)
         if d == 0:
-            out["noise"].append(f"{label} (unchanged at {_num(a)})")
+            out["noise"].append(f"{label} (unchanged, {_num(a)})")
             continue
+        better = (d < 0) if _split_key(k)[1].startswith("perplexity/") else (d > 0)
         if sa is not None and sb is not None:
             limit = NOISE_SE * math.sqrt(sa * sa + sb * sb)
             if abs(d) <= limit:
-                out["noise"].append(f"{label} ({d:+.2g}, 2 s.e. {limit:.2g})")
+                out["noise"].append(f"{label} ({d:+.2g})")
                 continue
-            out["rose" if d > 0 else "fell"].append(f"{label} {_num(a)} → {_num(b)} ({d:+.2g}, 2 s.e. {limit:.2g})")
+            change = f"{_num(a)} → {_num(b)} ({d:+.2g}, 2 s.e. {limit:.2g})"
         else:
-            out["rose" if d > 0 else "fell"].append(f"{label} {_num(a)} → {_num(b)} ({d / a:+.0%}, no s.e.)"
-                                                    if a else f"{label} {_num(a)} → {_num(b)}")
+            change = f"{_num(a)} → {_num(b)}" + (f" ({d / a:+.0%}, no s.e.)" if a else "")
+        out["improved" if better else "worsened"].append(f"{label} {change}")
     return out
 
 
@@ -330,16 +332,17 @@ def _reading_section(data: dict) -> list[str]:
         if not any(c.values()):
             continue
         start = f"`{model}` (from `{parent}`" + (f"; a merge of {', '.join(parents)}" if len(parents) > 1 else "") + ")"
-        parts = [f"{what}: {'; '.join(c[key])}" for key, what in (("rose", "rose"), ("fell", "fell"),
+        parts = [f"{what}: {'; '.join(c[key])}" for key, what in (("improved", "improved"), ("worsened", "worsened"),
                                                                    ("noise", "within noise")) if c[key]]
-        sentences.append(f"{start}: " + ". ".join(parts) + ".")
+        sentences.append(f"{start} {'. '.join(parts)}.")
     if not sentences:
         return []
     return ["## Reading", "",
-            "What each stage did to its model on the held-out evaluations, compared with the model it started from "
-            f"(a difference counts when it exceeds {NOISE_SE:g} combined standard errors, √(se₁² + se₂²), of the two "
-            "scores; perplexities have no standard error here and are reported as measured; lower perplexity is "
-            "better). " + " ".join(sentences), ""]
+            "What each stage did to its model on the held-out evaluations, against the model it started from. "
+            "Improved means a higher score or a lower perplexity. A score difference counts only when it exceeds "
+            f"{NOISE_SE:g} combined standard errors, {NOISE_SE:g}·√(se₁² + se₂²), of the two scores; below that it is "
+            "within noise (the change is given in brackets). Perplexities have no standard error here: their change "
+            "is given as measured. " + " ".join(sentences), ""]
 
 
 # ------------------------------------------------------------------------------------------------
