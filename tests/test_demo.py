@@ -36,7 +36,7 @@ def test_demo_quick_outputs_load(demo_run):
         assert model.config.num_hidden_layers == expected, stage
     assert main(["verify", str(demo_run / "merge_slerp")]) == 0
     assert (demo_run / "report.md").is_file()
-    for png in ("plot_loss.png", "plot_eval_loss.png", "plot_rewards_margin.png", "plot_rewards_accuracy.png"):
+    for png in ("plot_loss.png", "plot_dpo_loss.png", "plot_rewards_margin.png", "plot_rewards_accuracy.png"):
         assert (demo_run / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -81,3 +81,28 @@ def test_demo_quick_metrics_move(demo_run):
     report = (demo_run / "report.md").read_text()
     assert "## Decontamination" in report
     assert "Depth up-scaling at equal extra training tokens" in report and "| 6-11 | 2-7 |" in report
+
+
+@pytest.mark.slow
+def test_demo_quick_report_reads(demo_run):
+    """report.md read cold: what each stage did, against the noise; tables compare (two values a row at least)."""
+    report = (demo_run / "report.md").read_text()
+    reading = report.split("## Reading\n\n")[1].split("\n## ")[0]
+    assert "\n" not in reading.strip()  # one paragraph
+    for stage, start in (("upscale", "base"), ("pretrain", "upscale"), ("sft_math", "pretrain"),
+                         ("sft_lora", "pretrain"), ("dpo", "sft_math")):
+        assert f"`{stage}` (from `{start}`" in reading, stage
+    assert "within noise" in reading and ("improved" in reading or "worsened" in reading)
+    assert "## Full fine-tuning vs LoRA at equal steps" in report
+    tables = report.split("## Contamination test")[0]
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("| metric")]
+    assert rows and all(sum(cell.strip() != "-" for cell in r.strip("|").split("|")[1:]) >= 2 for r in rows)
+    assert " ± " in tables and "(n=30)" in tables and "pref:preference" not in tables
+    assert "| preference acc., kind operation |" in tables
+    section = report.split("## Contamination test\n\n")[1].split("\n## ")[0]
+    assert "> 0.9 likely contaminated, < 0.1 clean" in section and "| merge_avg | test |" in section
+    assert "| upscale |" in section  # the reference model
+    # held-out loss during training: every training stage draws a curve, not a dot
+    for stage in ("base", "pretrain", "base_more", "sft_math", "sft_lora", "sft_nomath", "dpo"):
+        rows = [json.loads(line) for line in (demo_run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert sum(r.get("type") == "eval" for r in rows) >= 3, stage

@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
-from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
 from upstack.arch import format_layer_ranges, layer_runs
+from upstack.evaluate.contamination import VERDICT_TEXT, verdict
+from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
+from upstack.evaluate.results import primary_metrics
+from upstack.evaluate.tasks.registry import H6_BY_TASK
 
 # The file in each stage folder that records a completed stage (written by the pipeline, read here). It
 # lives here, the lower of the two modules, so that the pipeline imports it without a cycle.
@@ -34,15 +38,35 @@ def _read_metrics(folder: Path) -> list[dict]:
     return rows
 
 
-def _flat_scores(results: dict) -> dict[str, float]:
-    """{task/metric: value} from an eval results file (skips stderr entries)."""
+def _stderr_key(metric: str) -> str:
+    """lm-eval's standard-error key of a metric: acc -> acc_stderr, exact_match,strict-match ->
+    exact_match_stderr,strict-match."""
+    name, sep, filt = metric.partition(",")
+    return f"{name}_stderr{sep}{filt}"
+
+
+def _binomial_se(p: float, n) -> float | None:
+    return math.sqrt(p * (1 - p) / n) if isinstance(n, int) and n > 0 and 0 <= p <= 1 else None
+
+
+def _flat_scores(results: dict) -> tuple[dict[str, float], dict[str, dict]]:
+    """({task/metric: value}, {task/metric: {"stderr", "n"}}) from an eval results file.
+
+    Benchmarks carry lm-eval's standard error and the number of documents scored; preference accuracies
+    the binomial standard error over the pairs scored; perplexities the number of documents.
+    """
     out: dict[str, float] = {}
+    detail: dict[str, dict] = {}
+    n_samples = results.get("n_samples") or {}
     for task, metrics in (results.get("results") or {}).items():
         if not isinstance(metrics, dict):
             continue
+        n = (n_samples.get(task) or {}).get("effective")
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k:
                 out[f"{task}/{k}"] = float(v)
+                se = metrics.get(_stderr_key(k))
+                detail[f"{task}/{k}"] = {"stderr": float(se) if isinstance(se, (int, float)) else None, "n": n}
     h6 = results.get("h6")
     if isinstance(h6, (int, float)) and not isinstance(h6, bool):
         out["h6"] = float(h6)
@@ -51,18 +75,39 @@ def _flat_scores(results: dict) -> dict[str, float]:
     for path, v in (results.get("perplexity") or {}).items():
         if isinstance(v, dict) and isinstance(v.get("perplexity"), (int, float)):
             out[f"perplexity/{Path(path).name}"] = float(v["perplexity"])
+            detail[f"perplexity/{Path(path).name}"] = {"stderr": None, "n": v.get("documents")}
     for path, v in (results.get("preference") or {}).items():
         if not isinstance(v, dict):
             continue
         for label, q in preference_parts(v):
             for k in PREFERENCE_METRICS:
                 if isinstance(q.get(k), (int, float)):
-                    out[f"preference/{Path(path).name}{label}/{k}"] = float(q[k])
-    return out
+                    key = f"preference/{Path(path).name}{label}/{k}"
+                    out[key] = float(q[k])
+                    n = q.get("scored")
+                    detail[key] = {"stderr": _binomial_se(float(q[k]), n) if "accuracy" in k else None, "n": n}
+    return out, detail
+
+
+MODEL_TYPES = {"base", "upscale", "pretrain", "sft", "dpo", "merge", "merge-adapter"}  # stages that write a model
+
+
+def _parents(marker: dict, stages: dict[str, dict]) -> list[str]:
+    """The model stages a model stage started from (training: model; upscale: source; merge: models)."""
+    cfg = marker.get("config") or {}
+    refs = [cfg.get("model"), cfg.get("source"), cfg.get("base")]
+    refs += [m.get("model") if isinstance(m, dict) else m for m in cfg.get("models") or []]
+    names = [Path(str(r)).name for r in refs if isinstance(r, str) and r]
+    return [n for i, n in enumerate(names) if n in stages and n not in names[:i]]
 
 
 def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
-    """Everything the report shows, as one JSON-able dict (also written as results.json)."""
+    """Everything the report shows, as one JSON-able dict (also written as results.json).
+
+    models {model: {metric key: value}} keeps the full metric keys; details {model: {key: {stderr, n}}},
+    labels {key: the short label the tables show}, contamination {model: {benchmark: what the test used
+    and found}}, parents {model: [the models it started from]}.
+    """
     run_dir = Path(run_dir)
     stages = {}
     names = stage_order or sorted((p.name for p in run_dir.iterdir() if (p / MARKER).is_file()),
@@ -73,14 +118,20 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
             continue
         stages[name] = marker
     models: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    groups: dict[str, str] = {}
+    contamination: dict[str, dict] = {}
     for name, m in stages.items():
         if m["type"] == "eval":
             res = _read_json(run_dir / name / "results.json") or {}
             model_stage = Path(str(m["config"].get("model", name))).name
             block = name[: -len(model_stage) - 1] if name.endswith(f"_{model_stage}") else "eval"
             prefix = "" if block == "eval" else f"{block}:"
-            models.setdefault(model_stage, {}).update(
-                {prefix + k: v for k, v in _flat_scores(res).items()})
+            values, detail = _flat_scores(res)
+            models.setdefault(model_stage, {}).update({prefix + k: v for k, v in values.items()})
+            details.setdefault(model_stage, {}).update({prefix + k: v for k, v in detail.items()})
+            if m["config"].get("preference_group"):
+                groups[prefix] = str(m["config"]["preference_group"])
         if m["type"] == "contamination":
             res = _read_json(run_dir / name / "contamination.json") or {}
             model_stage = Path(str(m["config"].get("model", name))).name
@@ -88,6 +139,12 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
                 val = v.get("result") if isinstance(v, dict) else v
                 if isinstance(val, (int, float)):
                     models.setdefault(model_stage, {})[f"contamination/{k}"] = float(val)
+                    contamination.setdefault(model_stage, {})[k] = {
+                        "result": float(val), "method": res.get("method"), "examples": v.get("examples"),
+                        "available": v.get("available"), "neighbours": v.get("neighbours"),
+                        "verdict": v.get("verdict"), "threshold": (res.get("config") or {}).get("threshold"),
+                        "reference": Path(str(res["reference"])).name if res.get("reference") else None,
+                        "stage": name} if isinstance(v, dict) else {"result": float(val), "stage": name}
     order = list(stages)
     models = dict(sorted(models.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     curves = {name: _read_metrics(run_dir / name) for name, m in stages.items()}
@@ -97,11 +154,14 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
         if m["type"] == "upscale":
             prov = _read_json(run_dir / name / "upstack.json") or {}
             layer_maps.append({"stage": name, **(prov.get("upscale") or {})})
+    keys = [k for v in models.values() for k in v]
     return {"run_dir": str(run_dir), "stages": {k: {"type": v["type"], "seconds": v.get("seconds"),
                                                     "finished": v.get("finished"), "result": v.get("result")}
                                                 for k, v in stages.items()},
-            "models": models, "layer_maps": layer_maps,
-            "final_metrics": {k: _final(v) for k, v in curves.items()}}
+            "models": models, "details": details, "labels": metric_labels(keys, groups),
+            "contamination": contamination,
+            "parents": {k: _parents(v, stages) for k, v in stages.items() if v["type"] in MODEL_TYPES},
+            "layer_maps": layer_maps, "final_metrics": {k: _final(v) for k, v in curves.items()}}
 
 
 def _final(rows: list[dict]) -> dict:
@@ -113,67 +173,180 @@ def _final(rows: list[dict]) -> dict:
     return out
 
 
-def _fmt(v) -> str:
+# ------------------------------------------------------------------------------------------------
+# Labels and numbers
+
+TASK_NAMES = {"gsm8k": "GSM8K", "arc_challenge": "ARC-Challenge", "hellaswag": "HellaSwag", "mmlu": "MMLU",
+              "truthfulqa_mc2": "TruthfulQA MC2", "winogrande": "Winogrande"}
+METRIC_NAMES = {"acc": "acc.", "acc_norm": "acc. (length-normalised)", "exact_match": "exact match",
+                "exact_match,strict-match": "exact match (strict)",
+                "exact_match,flexible-extract": "exact match (flexible)", "accuracy": "preference acc.",
+                "accuracy_per_token": "preference acc. per token", "margin": "preference log-prob margin",
+                "reward_accuracy": "DPO reward acc.", "reward_margin": "DPO reward margin"}
+_PREF = re.compile(r"preference/(?P<file>.+?)(\[(?P<group>[^\]]*)\])?/(?P<metric>[^/]+)$")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'pref:preference/x.jsonl/accuracy' -> ('pref', 'preference/x.jsonl/accuracy'); no block -> ('', key)."""
+    head = key.split("/", 1)[0]
+    if ":" in head:
+        block, _, rest = key.partition(":")
+        return block, rest
+    return "", key
+
+
+def _label(key: str, groups: dict[str, str], several_pref_files: bool) -> str:
+    block, rest = _split_key(key)
+    if rest == "h6":
+        return "H6 (mean of 6)"
+    kind, _, tail = rest.partition("/")
+    if kind in ("perplexity", "contamination"):
+        return f"{kind}, {tail}"
+    m = _PREF.match(rest)
+    if m:
+        label = METRIC_NAMES.get(m["metric"], m["metric"])
+        field = groups.get(f"{block}:" if block else "")
+        label += f", {field + ' ' if field else ''}{m['group']}" if m["group"] else ", all pairs"
+        return label + (f" ({m['file']})" if several_pref_files else "")
+    task, _, metric = rest.rpartition("/")
+    name = TASK_NAMES.get(task.removesuffix("_local"), task)
+    return f"{name} {METRIC_NAMES.get(metric, metric)}"
+
+
+def metric_labels(keys: list[str], groups: dict[str, str] | None = None) -> dict[str, str]:
+    """{full metric key: short label} ("pref:preference/dpo_heldout.jsonl[operation]/accuracy" -> "preference
+    acc., kind operation"); a label two keys would share falls back to the full keys."""
+    keys = list(dict.fromkeys(keys))
+    pref_files = {m["file"] for k in keys if (m := _PREF.match(_split_key(k)[1]))}
+    labels = {k: _label(k, groups or {}, len(pref_files) > 1) for k in keys}
+    seen: dict[str, int] = {}
+    for v in labels.values():
+        seen[v] = seen.get(v, 0) + 1
+    return {k: v if seen[v] == 1 else k for k, v in labels.items()}
+
+
+def _num(v) -> str:
+    """3 significant digits (thousands separated from 1000 on); integers as they are."""
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10000 else str(v)
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
-def _score_table(models: dict[str, dict], names: list[str]) -> list[str]:
-    """Markdown rows: a row per metric (those any of `names` has, sorted), a column per model."""
-    metrics = sorted({k for m in names for k in models.get(m, {})})
+_fmt = _num
+
+
+def _cell(value, detail: dict | None) -> str:
+    """'0.35 ± 0.05 (n=100)': the value, its standard error when known, the number of documents."""
+    if value is None:
+        return "-"
+    detail = detail or {}
+    se, n = detail.get("stderr"), detail.get("n")
+    return _num(value) + (f" ± {se:.2g}" if se is not None else "") + (f" (n={n})" if n else "")
+
+
+def _compared_keys(models: dict[str, dict], names: list[str], least: int = 2) -> list[str]:
+    """The metrics at least `least` of `names` have (a row of one value compares nothing), in a stable order;
+    contamination results have their own section."""
+    counts: dict[str, int] = {}
+    for m in names:
+        for k in models.get(m, {}):
+            counts[k] = counts.get(k, 0) + 1
+    return sorted(k for k, c in counts.items() if c >= least and not k.startswith("contamination/"))
+
+
+def _score_table(data: dict, names: list[str], keys: list[str]) -> list[str]:
+    """Markdown rows: a row per metric of `keys`, a column per model of `names`."""
+    models, details, labels = data["models"], data.get("details", {}), data.get("labels", {})
     out = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for k in metrics:
-        out.append(f"| {k} | " + " | ".join(_fmt(models.get(m, {}).get(k)) for m in names) + " |")
+    for k in keys:
+        out.append(f"| {labels.get(k, k)} | "
+                   + " | ".join(_cell(models.get(m, {}).get(k), details.get(m, {}).get(k)) for m in names) + " |")
     return out
 
 
-PLOT_INDEX = ".plots.json"  # {png name: hash of the data plotted}: unchanged curves are not drawn again
+# ------------------------------------------------------------------------------------------------
+# The reading: what each stage did to the model, against the noise
+
+NOISE_SE = 2.0  # a difference counts when it exceeds this many combined standard errors
 
 
-def _plot(run_dir: Path, curves: dict[str, list[dict]]) -> list[str]:
-    """PNG curves of the keys `upstack pretrain/sft/dpo` log in metrics.jsonl (train rows; eval rows for
-    eval_loss). The report is rewritten after every stage; a plot whose data is unchanged is kept."""
-    panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
-              ("rewards/margin", "DPO reward margin (training batches)"),
-              ("rewards/accuracy", "DPO reward accuracy (training batches)")]
-    index = _read_json(run_dir / PLOT_INDEX) or {}
-    written, todo = [], []
-    for key, title in panels:
-        series = {s: [(r.get("step"), r[key]) for r in rows if key in r and r.get("step") is not None]
-                  for s, rows in curves.items()}
-        series = {s: v for s, v in series.items() if v}
-        if not series:
+def _reading_keys(models: dict[str, dict]) -> list[str]:
+    """The headline metrics: each benchmark's leaderboard metric, perplexities, preference accuracies."""
+    keys = sorted({k for v in models.values() for k in v})
+    out = []
+    for k in keys:
+        _, rest = _split_key(k)
+        if rest.startswith("perplexity/") or (_PREF.match(rest) and rest.endswith("/accuracy")):
+            out.append(k)
+        elif "/" in rest and not rest.startswith(("contamination/", "preference/")):
+            task, _, metric = rest.rpartition("/")
+            if metric in primary_metrics(task, {metric: 0.0}) and (task not in H6_BY_TASK
+                                                                   or metric == H6_BY_TASK[task].metric):
+                out.append(k)
+    return out
+
+
+def compare_scores(data: dict, model: str, parent: str, keys: list[str]) -> dict[str, list[str]]:
+    """{"improved": [...], "worsened": [...], "noise": [...]}: a phrase for each metric both models have
+    (higher is better, but for perplexity)."""
+    models, details, labels = data["models"], data.get("details", {}), data.get("labels", {})
+    out: dict[str, list[str]] = {"improved": [], "worsened": [], "noise": []}
+    for k in keys:
+        a, b = models.get(parent, {}).get(k), models.get(model, {}).get(k)
+        if a is None or b is None:
             continue
-        fname = f"plot_{key.replace('/', '_')}.png"
-        digest = hashlib.sha256(json.dumps([key, title, series], default=str).encode()).hexdigest()
-        written.append(fname)
-        if index.get(fname) != digest or not (run_dir / fname).is_file():
-            todo.append((key, title, series, fname, digest))
-    if todo:
-        import matplotlib
+        d = b - a
+        sa, sb = (details.get(x, {}).get(k, {}).get("stderr") for x in (parent, model))
+        label = labels.get(k, k)
+        if d == 0:
+            out["noise"].append(f"{label} (unchanged, {_num(a)})")
+            continue
+        better = (d < 0) if _split_key(k)[1].startswith("perplexity/") else (d > 0)
+        if sa is not None and sb is not None:
+            limit = NOISE_SE * math.sqrt(sa * sa + sb * sb)
+            if abs(d) <= limit:
+                out["noise"].append(f"{label} ({d:+.2g})")
+                continue
+            change = f"{_num(a)} → {_num(b)} ({d:+.2g}, 2 s.e. {limit:.2g})"
+        else:
+            change = f"{_num(a)} → {_num(b)}" + (f" ({d / a:+.0%}, no s.e.)" if a else "")
+        out["improved" if better else "worsened"].append(f"{label} {change}")
+    return out
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        for key, title, series, fname, digest in todo:
-            fig, ax = plt.subplots(figsize=(6.5, 3.8))
-            for s, pts in series.items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=s, marker="." if len(pts) < 30 else None)
-            ax.set_xlabel("step")
-            ax.set_ylabel(key)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(run_dir / fname, dpi=110)
-            plt.close(fig)
-            index[fname] = digest
-        (run_dir / PLOT_INDEX).write_text(json.dumps(index, indent=1) + "\n")
-    return written
+def _reading_section(data: dict) -> list[str]:
+    models = data["models"]
+    keys = _reading_keys(models)
+    sentences = []
+    for model, parents in data.get("parents", {}).items():
+        parent = next((p for p in parents if p in models), None)
+        if model not in models or parent is None:
+            continue
+        c = compare_scores(data, model, parent, keys)
+        if not any(c.values()):
+            continue
+        start = f"`{model}` (from `{parent}`" + (f"; a merge of {', '.join(parents)}" if len(parents) > 1 else "") + ")"
+        parts = [f"{what}: {'; '.join(c[key])}" for key, what in (("improved", "improved"), ("worsened", "worsened"),
+                                                                   ("noise", "within noise")) if c[key]]
+        sentences.append(f"{start} {'. '.join(parts)}.")
+    if not sentences:
+        return []
+    return ["## Reading", "",
+            "What each stage did to its model on the held-out evaluations, against the model it started from. "
+            "Improved means a higher score or a lower perplexity. A score difference counts only when it exceeds "
+            f"{NOISE_SE:g} combined standard errors, {NOISE_SE:g}·√(se₁² + se₂²), of the two scores; below that it is "
+            "within noise (the change is given in brackets). Perplexities have no standard error here: their change "
+            "is given as measured. " + " ".join(sentences), ""]
 
+
+# ------------------------------------------------------------------------------------------------
+# Sections
 
 def _header(run_dir: Path, recipe) -> list[str]:
     lines = [f"# upstack run: {run_dir.name}", ""]
@@ -185,20 +358,58 @@ def _header(run_dir: Path, recipe) -> list[str]:
     return lines
 
 
-def _score_sections(models: dict[str, dict], recipe) -> list[str]:
-    """Scores by model (stage order): a row per metric, a column per model; then the recipe's comparisons."""
+def _score_sections(data: dict, recipe) -> list[str]:
+    """Scores by model (stage order): a row per metric two models have, a column per model; then the
+    recipe's comparisons."""
+    models, labels = data["models"], data.get("labels", {})
+    names = list(models)
+    keys = _compared_keys(models, names, least=1 if len(names) == 1 else 2)
     lines = []
-    if models:
-        lines += ["## Scores by stage", "", *_score_table(models, list(models)), ""]
+    if keys:
+        lines += ["## Scores by stage", "",
+                  "Each cell: the score ± its standard error (lm-eval's for benchmarks, binomial for preference "
+                  "accuracies) and the number of documents or pairs scored. Full metric keys are in results.json "
+                  "(`labels` maps them to these names).", "", *_score_table(data, names, keys), ""]
+        singles = [k for k in _compared_keys(models, names, least=1) if k not in keys]
+        if singles:
+            lines += ["Measured for one model only: " + "; ".join(
+                f"{labels.get(k, k)}: `{m}` {_cell(models[m][k], data['details'].get(m, {}).get(k))}"
+                for k in singles for m in names if k in models[m]) + ".", ""]
     for comp in ((recipe.raw.get("report") or {}).get("comparisons", []) if recipe is not None else []):
         title, cmodels = comp.get("title", "comparison"), [m for m in comp.get("models", []) if m in models]
-        if not any(models[m] for m in cmodels):
+        ckeys = _compared_keys(models, cmodels)
+        if not ckeys:
             continue
         lines += [f"## {title}", ""]
         if comp.get("note"):
             lines += [str(comp["note"]).strip(), ""]
-        lines += [*_score_table(models, cmodels), ""]
+        lines += [*_score_table(data, cmodels, ckeys), ""]
     return lines
+
+
+def _contamination_section(contamination: dict[str, dict]) -> list[str]:
+    if not contamination:
+        return []
+    lines = ["## Contamination test", "",
+             "The test SOLAR 10.7B reports (the detect-pretrain-code-contamination procedure): for each sampled benchmark example the reference "
+             "model writes neighbours by continuing the example's first 40% of words; the example's score is the "
+             "share of neighbours the model finds easier than the example. The result is the share of examples "
+             "scoring below the threshold (0.1): > 0.9 likely contaminated, < 0.1 clean, in between inconclusive. With "
+             "N examples it moves in steps of 1/N.", "",
+             "| model | benchmark | result | reading | examples | neighbours each | reference |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for model, benches in contamination.items():
+        for bench, c in benches.items():
+            if c.get("method") == "min-k":
+                reading = "Min-K% Prob: share of examples more likely under the model than the reference"
+            else:
+                reading = VERDICT_TEXT[c.get("verdict") or verdict(c["result"])]
+            examples = c.get("examples")
+            if examples and c.get("available"):
+                examples = f"{examples} of {c['available']}"
+            lines.append(f"| {model} | {bench} | {_num(c['result'])} | {reading} | {_num(examples)} "
+                         f"| {_num(c.get('neighbours'))} | {c.get('reference') or '-'} |")
+    return lines + [""]
 
 
 def _decontamination_section(stages: dict[str, dict]) -> list[str]:
@@ -258,17 +469,104 @@ def _timings_section(stages: dict[str, dict]) -> list[str]:
     return lines + [f"| total | | {total:.1f} | |", ""]
 
 
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+PLOT_INDEX = ".plots.json"  # {png name: hash of the data plotted}: unchanged curves are not drawn again
+TIE = 1e-4  # |reward margin| below this: the policy still equals the reference (every implicit reward 0)
+
+# (file, title, y label, stage kind, [(metrics key, "training" | "held-out")], y limits)
+PLOTS = [
+    ("plot_loss.png", "LM loss (token cross-entropy): pretraining and SFT stages", "loss", "lm",
+     [("loss", "training"), ("eval_loss", "held-out")], None),
+    ("plot_dpo_loss.png", "DPO loss", "DPO loss", "dpo", [("loss", "training"), ("eval_loss", "held-out")], None),
+    ("plot_rewards_margin.png", "DPO reward margin (chosen - rejected implicit reward)", "reward margin", "dpo",
+     [("rewards/margin", "training"), ("eval_rewards/margin", "held-out")], None),
+    ("plot_rewards_accuracy.png", "DPO reward accuracy (chosen reward > rejected)", "reward accuracy", "dpo",
+     [("rewards/accuracy", "training"), ("eval_rewards/accuracy", "held-out")], (0.0, 1.0)),
+]
+PLOT_NOTES = {
+    "plot_loss.png": "Training loss (solid, per logged step) and held-out loss (dashed, evaluated every "
+                     "`eval_steps` and at the end) of each training stage; each stage counts its own steps from 0.",
+    "plot_dpo_loss.png": "DPO's loss is -log σ(β · reward margin) (+ the chosen answers' NLL with `rpo_alpha`), "
+                         "not a language-model loss: it has its own plot.",
+    "plot_rewards_accuracy.png": "The first step is left out when its reward margin is 0: the policy still equals "
+                                 "the reference there, every implicit reward is 0 and the accuracy counts rounding "
+                                 "ties.",
+}
+
+
+def _series(rows: list[dict], key: str, split: str, kind: str) -> list[tuple]:
+    want = "eval" if split == "held-out" else "train"
+    pts = [(r["step"], r[key]) for r in rows
+           if key in r and r.get("step") is not None and (r.get("type") or "train") == want]
+    if key.endswith("rewards/accuracy"):  # drop the tie at the start (policy == reference)
+        margin = key.replace("accuracy", "margin")
+        tie = {r["step"] for r in rows if (r.get("type") or "train") == want and abs(r.get(margin, 1.0)) < TIE}
+        pts = [p for p in pts if p[0] not in tie]
+    return pts
+
+
+def _plot(run_dir: Path, curves: dict[str, list[dict]], types: dict[str, str]) -> list[str]:
+    """PNG curves of what `upstack pretrain/sft/dpo` log in metrics.jsonl, one plot per kind of loss (LM
+    stages; DPO), training and held-out together. The report is rewritten after every stage; a plot whose
+    data is unchanged is kept."""
+    index = _read_json(run_dir / PLOT_INDEX) or {}
+    written, todo = [], []
+    for fname, title, ylabel, kind, keys, ylim in PLOTS:
+        stages = [s for s in curves if (types.get(s) == "dpo") == (kind == "dpo")]
+        series = {s: {split: _series(curves[s], key, split, kind) for key, split in keys} for s in stages}
+        series = {s: {k: v for k, v in sp.items() if v} for s, sp in series.items()}
+        series = {s: sp for s, sp in series.items() if sp}
+        if not series:
+            continue
+        digest = hashlib.sha256(json.dumps([title, ylabel, ylim, series], default=str).encode()).hexdigest()
+        written.append(fname)
+        if index.get(fname) != digest or not (run_dir / fname).is_file():
+            todo.append((fname, title, ylabel, ylim, series, digest))
+    if todo:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for fname, title, ylabel, ylim, series, digest in todo:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for i, (stage, splits) in enumerate(series.items()):
+                color = f"C{i % 10}"
+                for split, pts in splits.items():
+                    held = split == "held-out"
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linestyle="--" if held else "-",
+                            marker="o" if held or len(pts) < 30 else None, markersize=3 if held else 2,
+                            label=f"{stage} ({split})")
+            ax.set_xlabel("step within each stage")
+            ax.set_ylabel(ylabel)
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(run_dir / fname, dpi=110)
+            plt.close(fig)
+            index[fname] = digest
+        (run_dir / PLOT_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    return written
+
+
 def write_report(run_dir: str | Path, recipe=None) -> Path:
     run_dir = Path(run_dir)
     order = list(recipe.stages) if recipe is not None else None
     data = collect(run_dir, order)
     curves = {name: _read_metrics(run_dir / name) for name in data["stages"]}
     curves = {k: v for k, v in curves.items() if v}
-    plots = _plot(run_dir, curves) if curves else []
-    lines = [*_header(run_dir, recipe), *_score_sections(data["models"], recipe),
-             *_decontamination_section(data["stages"]), *_training_section(data["final_metrics"])]
+    types = {k: v["type"] for k, v in data["stages"].items()}
+    plots = _plot(run_dir, curves, types) if curves else []
+    lines = [*_header(run_dir, recipe), *_reading_section(data), *_score_sections(data, recipe),
+             *_contamination_section(data["contamination"]), *_decontamination_section(data["stages"]),
+             *_training_section(data["final_metrics"])]
     for p in plots:
-        lines += [f"![{p}]({p})", ""]
+        lines += [f"![{p}]({p})", ""] + ([PLOT_NOTES[p], ""] if p in PLOT_NOTES else [])
     lines += [*_layer_map_sections(data["layer_maps"]), *_timings_section(data["stages"])]
     (run_dir / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     out = run_dir / "report.md"

@@ -42,7 +42,9 @@ a DPO model started from) the DPO implicit-reward accuracy and margin; --prefere
 the metrics down by a field of the rows (the demo's pairs have `kind`: the kind of wrong answer).
 
 Results: a markdown table on stdout (--json: the results JSON); --output FILE writes the JSON and
-FILE.md. --compare A.json B.json ... prints several results side by side.
+FILE.md (an existing FILE needs --overwrite); --log-samples also writes each task's per-document
+records beside it (samples_<task>_<time>.jsonl, as lm-eval --log_samples). --compare A.json B.json ...
+prints several results side by side.
 
 examples:
   upstack eval runs/tiny/merge --tasks h6 --data-dir ../shared/data --limit 20 --output runs/tiny/eval.json
@@ -173,6 +175,10 @@ def register(sub, common) -> None:
                    help="how --preference renders pairs: the tokenizer's chat template (chat), the SOLAR "
                         "'### User:' format (alpaca), or chat when the tokenizer has one (auto, default)")
     p.add_argument("--output", "-o", help="write results JSON here (and a markdown table next to it, .md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--log-samples", action="store_true",
+                   help="with --output: also write each task's per-document records (prompt, target, responses, "
+                        "log-likelihoods or generated text, metrics) beside it, as samples_<task>_<time>.jsonl")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
@@ -199,6 +205,7 @@ def register(sub, common) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output", "-o", help="write the results JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .bin weights (loaded with torch.load(weights_only=True))")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -253,7 +260,8 @@ def run_eval(args) -> int:
         seed=args.seed, perplexity=args.perplexity or [], text_field=args.text_field, stride=args.stride,
         preference=args.preference or [], preference_reference=args.preference_reference,
         preference_group=args.preference_group, template=args.template,
-        output=args.output, quiet=args.quiet, allow_pickle=args.allow_pickle,
+        output=args.output, overwrite=args.overwrite, log_samples=args.log_samples, quiet=args.quiet,
+        allow_pickle=args.allow_pickle,
     )
     _quiet_harness(args.debug)
     out = evaluate(cfg)
@@ -274,7 +282,7 @@ def run_contamination(args) -> int:
         num_examples=args.num_examples, num_neighbours=args.num_neighbours, prefix_fraction=args.prefix_fraction,
         threshold=args.threshold, min_k_percent=args.min_k_percent, temperature=args.temperature, top_k=args.top_k,
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        dtype=args.dtype, output=args.output, allow_pickle=args.allow_pickle,
+        dtype=args.dtype, output=args.output, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
     )
     out = contamination(cfg)
     if args.json:

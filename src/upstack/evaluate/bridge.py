@@ -187,11 +187,42 @@ def run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
         gen_kwargs = {"max_gen_toks": budget}
     res = lm_eval.simple_evaluate(
         model=lm, tasks=top, num_fewshot=None, limit=cfg.limit, task_manager=tm, gen_kwargs=gen_kwargs,
-        log_samples=False, apply_chat_template=cfg.apply_chat_template, random_seed=cfg.seed,
+        log_samples=cfg.log_samples, apply_chat_template=cfg.apply_chat_template, random_seed=cfg.seed,
         numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
     if res is None:  # not the main process under accelerate launch
         return {"_not_main": True}
-    return convert_results(res, names)
+    out = convert_results(res, names)
+    if cfg.log_samples:
+        out["_samples"] = res.get("samples") or {}
+    return out
+
+
+def write_samples(samples: dict[str, list], output: str | Path) -> dict[str, str]:
+    """lm-eval's per-document records, one `samples_<task>_<time>.jsonl` per task beside `output`, written
+    by lm-eval's own EvaluationTracker (as `lm-eval --log_samples` writes them); return {task: path}.
+
+    The tracker appends to its files, so it writes into a temporary folder and each file is then renamed
+    into place complete.
+    """
+    import datetime as dt
+    import os
+    import tempfile
+
+    from lm_eval.loggers import EvaluationTracker
+
+    folder = Path(output).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    with tempfile.TemporaryDirectory(prefix=".upstack-samples-", dir=folder) as tmp:
+        tracker = EvaluationTracker(output_path=str(Path(tmp) / "results.json"))
+        tracker.date_id = dt.datetime.now().isoformat().replace(":", "-")  # as save_results_aggregated sets it
+        for task, records in samples.items():
+            tracker.save_results_samples(task_name=task, samples=records)
+            name = f"samples_{task}_{tracker.date_id}.jsonl"
+            if (Path(tmp) / name).is_file():
+                os.replace(Path(tmp) / name, folder / name)
+                written[task] = str(folder / name)
+    return written
 
 
 def _leaf_tasks(top: list) -> list:

@@ -40,6 +40,8 @@ class EvalConfig:
     preference_group: str | None = None  # row field to break preference metrics down by (e.g. kind)
     template: str = "auto"  # chat template for --preference: auto | chat | alpaca (as for sft/dpo)
     output: str | None = None  # results JSON (a markdown table is written next to it, .md)
+    overwrite: bool = False  # replace an existing `output` (refused otherwise, before any work)
+    log_samples: bool = False  # per-document records beside `output`: samples_<task>_<time>.jsonl, as lm-eval writes
     quiet: bool = False  # no progress bars or info logs from lm-eval
     allow_pickle: bool = False  # models stored as pickled .bin (loaded with torch.load(weights_only=True))
 
@@ -63,6 +65,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"--batch-size must be a number or 'auto', got {cfg.batch_size!r}")
     if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
         raise ConfigError("--num-fewshot must be >= 0")
+    if cfg.log_samples and not cfg.output:
+        raise ConfigError("--log-samples needs --output FILE (the samples files are written beside it)")
     if (cfg.preference_reference or cfg.preference_group) and not cfg.preference:
         raise ConfigError("--preference-reference and --preference-group need --preference FILE")
     if cfg.template not in CHAT_TEMPLATES:

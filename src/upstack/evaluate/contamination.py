@@ -33,7 +33,7 @@ from typing import Literal
 from upstack.errors import ConfigError
 from upstack.data.benchmarks import benchmark_examples, parse_benchmark
 from upstack.lm import check_model_path, check_token_ids, load_for_inference, model_max_positions, same_tokenizer
-from upstack.outputs import write_text_atomic
+from upstack.outputs import check_output_free, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class ContaminationConfig:
     device: str | None = None
     dtype: str = "auto"
     output: str | None = None  # results JSON
+    overwrite: bool = False  # replace an existing `output` (refused otherwise, before any work)
     allow_pickle: bool = False  # models stored as pickled .bin (loaded with torch.load(weights_only=True))
 
 
@@ -170,6 +171,8 @@ def _fit(text: str, tokenizer, max_tokens: int) -> str:
 def contamination(cfg: ContaminationConfig) -> dict:
     """Run the contamination test on every benchmark; return (and write to `cfg.output`) the results."""
     check_config(cfg)
+    if cfg.output:
+        check_output_free(cfg.output, cfg.overwrite)
     benches = []
     for spec in cfg.benchmarks:
         name, path = parse_benchmark(spec)

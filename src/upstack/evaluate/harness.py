@@ -23,7 +23,7 @@ from typing import Any
 
 from upstack.errors import ConfigError, DataError
 from upstack.evaluate.bridge import (
-    NOTE_FILTER, TRUNCATIONS, fewshot_for, load_lm, load_tasks, run_harness, task_manager,
+    NOTE_FILTER, TRUNCATIONS, fewshot_for, load_lm, load_tasks, run_harness, task_manager, write_samples,
 )
 from upstack.evaluate.config import EvalConfig, check_config
 from upstack.evaluate.perplexity import perplexity
@@ -35,6 +35,7 @@ from upstack.evaluate.results import (
 from upstack.evaluate.tasks.local import write_local_tasks
 from upstack.evaluate.tasks.registry import H6, LOCAL_TASKS, expand_tasks
 from upstack.lm import check_model_path, load_for_inference
+from upstack.outputs import check_output_free
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     Results (stable keys, see docs/evaluation.md): format, model, date, config, tasks, results
     {task: {metric: value, metric_stderr: value}}, groups, n_samples, num_fewshot, data_files, h6,
-    perplexity, preference, versions. Under `accelerate launch`, only the main process returns results ({} elsewhere).
+    perplexity, preference, versions, and with `log_samples` samples {task: samples file}. Under `accelerate launch`, only the main process returns results ({} elsewhere).
     """
     check_config(cfg)
+    if cfg.output:
+        check_output_free(cfg.output, cfg.overwrite)
     _check_inputs(cfg)
     names = expand_tasks(cfg)
     logging.getLogger("lm_eval.api.task").addFilter(NOTE_FILTER)
@@ -87,7 +90,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     _score_files(cfg, lm, out)
     out["h6"] = h6_score(out["results"])
     out["versions"] = versions()
+    samples = out.pop("_samples", None)
     if cfg.output:
+        if samples is not None:
+            out["samples"] = write_samples(samples, cfg.output)
         write_results(out, cfg.output)
     return out
 
