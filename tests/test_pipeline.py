@@ -146,7 +146,7 @@ def test_report_redraws_a_plot_only_when_its_curves_change(tmp_path):
     rows = [{"type": "train", "step": s, "loss": 1.0 / s, "rewards/margin": 0.1 * s} for s in (1, 2, 3)]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
-    pngs = {n: tmp_path / f"plot_{n}.png" for n in ("loss", "rewards_margin")}
+    pngs = {n: tmp_path / f"plot_{n}.png" for n in ("dpo_loss", "rewards_margin")}  # DPO loss: its own plot
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs.values())
     assert "![plot_rewards_margin.png](plot_rewards_margin.png)" in (tmp_path / "report.md").read_text()
     for p in pngs.values():
@@ -156,7 +156,7 @@ def test_report_redraws_a_plot_only_when_its_curves_change(tmp_path):
     with (stage / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"type": "train", "step": 4, "loss": 0.2}) + "\n")
     write_report(tmp_path)  # the loss curve changed, the margin curve did not
-    assert pngs["loss"].stat().st_mtime_ns != 10**9
+    assert pngs["dpo_loss"].stat().st_mtime_ns != 10**9
     assert pngs["rewards_margin"].stat().st_mtime_ns == 10**9
 
 
