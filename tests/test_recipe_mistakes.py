@@ -71,3 +71,15 @@ def test_only_with_a_misspelled_stage(tmp_path, model, capsys):
     assert main(["run", str(p), "--only", "upscael", "--out", str(tmp_path / "run")]) == 2
     assert "did you mean upscale?" in capsys.readouterr().err
     assert not (tmp_path / "run" / "upscale").exists()
+
+
+def test_a_misspelled_local_task_fails_at_load(tmp_path, model):
+    from upstack.errors import ConfigError
+    from upstack.pipeline import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"stages:\n  ev:\n    type: eval\n    model: {model}\n    tasks: [gsm8k_lokal]\n")
+    with pytest.raises(ConfigError, match=r"unknown task gsm8k_lokal \(did you mean gsm8k_local\?\)"):
+        load_recipe(p, tmp_path / "run")
+    p.write_text(f"stages:\n  ev:\n    type: eval\n    model: {model}\n    tasks: [gsm8k, arc_challenge]\n")
+    load_recipe(p, tmp_path / "run")  # lm-eval's own task names pass

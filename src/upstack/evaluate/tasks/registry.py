@@ -89,7 +89,13 @@ def known_task_names() -> list[str]:
 def check_local_names(names: list[str]) -> None:
     """Reject names that are obviously not tasks before indexing lm-eval (e.g. a local name misspelt)."""
     for n in names:
-        if n.endswith("_local") and n not in LOCAL_TASKS:
+        if n in LOCAL_TASKS:
+            continue
+        if n.endswith("_local"):
             close = difflib.get_close_matches(n, list(LOCAL_TASKS), n=1)
             raise ConfigError(f"unknown task {n}; local tasks are {', '.join(LOCAL_TASKS)}"
                               + (f" (did you mean {close[0]}?)" if close else ""))
+        # `gsm8k_lokal`: a local task misspelt (lm-eval's own names are never this close to ours)
+        close = difflib.get_close_matches(n, list(LOCAL_TASKS), n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"unknown task {n} (did you mean {close[0]}?)")
