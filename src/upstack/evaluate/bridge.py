@@ -176,6 +176,8 @@ def run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
     lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
     if cfg.quiet:
         _silence_lm_eval()
+    elif logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines (about 9 a run) are noise here
 
     gen_kwargs = None
     if any(t.get_config("output_type") == "generate_until" for t in _leaf_tasks(top)):
