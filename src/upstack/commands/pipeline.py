@@ -34,6 +34,7 @@ examples:
   upstack run recipes/solar-10.7b.yaml --dry-run
   upstack run my.yaml --from sft        # re-run sft and everything after it
   upstack run my.yaml --only eval_dpo   # re-run one stage (its inputs must be done)
+  upstack run my.yaml --set sft.max_steps=10 --set dpo.beta=0.2   # override options (checked as in the file)
 """
 
 
@@ -44,6 +45,9 @@ def register(sub, common) -> None:
                                   "recipes/tiny-dus.yaml, recipes/solar-10.7b.yaml")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--profile", default=None, help="apply a profile of the recipe (e.g. quick)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one option of a stage (repeatable; after --profile; VALUE is YAML: 10, true, "
+                        "[a.jsonl]; nested keys with dots: base.train.max_steps=5); checked as in the file")
     p.add_argument("--from", dest="from_stage", default=None, help="re-run this stage and every later one")
     p.add_argument("--only", default=None, help="run only this stage (its inputs must have completed)")
     p.add_argument("--dry-run", action="store_true",
@@ -113,7 +117,7 @@ def _print_plan(recipe, rows, as_json: bool) -> None:
 def run_run(args) -> int:
     from upstack.pipeline import load_recipe, plan_recipe  # lazy: see the module docstring
 
-    recipe = load_recipe(args.recipe, args.out, profile=args.profile)
+    recipe = load_recipe(args.recipe, args.out, profile=args.profile, sets=args.sets)
     if args.dry_run:
         _print_plan(recipe, plan_recipe(recipe), args.json)
         return 0

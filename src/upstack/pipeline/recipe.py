@@ -241,6 +241,99 @@ def _apply_profile(raw: dict, profile: str | None, path: Path) -> dict:
     return _deep_merge(raw, profiles[profile])
 
 
+# --------------------------------------------------------------------------------------------------
+# --set STAGE.KEY=VALUE: one option from the command line
+# --------------------------------------------------------------------------------------------------
+
+SET_EXAMPLE = "--set sft.max_steps=10, --set base.train.max_steps=5, --set pretrain.data=[a.jsonl]"
+# Options that hold a mapping of another config's options: --set checks the nested key against it too.
+NESTED_OPTIONS = {("base", "train"): "upstack.train.pretrain:PretrainConfig"}
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """A --set value read as a YAML scalar or flow value ('10' -> 10, 'true' -> True, '[a, b]' -> a list),
+    with the recipe file's guards against alias bombs and deep nesting."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_graph(node, Path(where))
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the value nests deeper than {MAX_YAML_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+def _close(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _apply_sets(stages_raw: dict, sets: list[str], lines: dict, errors: list[str]) -> None:
+    """Apply each `STAGE.KEY[.SUB...]=VALUE` to the stages' options (after the profile, and after `evaluate:`
+    blocks became eval stages, so `--set eval_dpo.limit=5` works). An unknown stage or option is a problem
+    with a "did you mean"; the key's line becomes "--set ..." so that every later check of the value (types,
+    the stage's own value checks, missing inputs) names the command-line option instead of a recipe line."""
+    for item in sets:
+        where = f"--set {item}"
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            errors.append(f"{where}: expected STAGE.KEY=VALUE (e.g. {SET_EXAMPLE})")
+            continue
+        # the longest stage name the key starts with (a stage name may itself contain dots)
+        cut = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in stages_raw), None)
+        if cut is None:
+            hint = _close(parts[0], stages_raw) or f" (stages: {', '.join(stages_raw)})"
+            errors.append(f"{where}: no stage {parts[0]!r}{hint}")
+            continue
+        sname, path = ".".join(parts[:cut]), parts[cut:]
+        opts = stages_raw[sname]
+        if not isinstance(opts, dict):
+            continue  # reported by _parse_stages
+        stype = opts.get("type", sname)
+        if stype in STAGE_TYPES and path[0] != "type":
+            try:
+                known = field_names(load_ref(STAGE_TYPES[stype].config))
+            except ImportError:
+                known = None  # reported by _prepare_stage
+            if known is not None and path[0] not in known:
+                errors.append(f"{where}: stage {sname!r} ({stype}) has no option {path[0]!r}"
+                              f"{_close(path[0], sorted(known))}")
+                continue
+            nested = NESTED_OPTIONS.get((stype, path[0]))
+            if nested and len(path) > 1 and path[1] not in field_names(load_ref(nested)):
+                errors.append(f"{where}: stage {sname!r} ({stype}): {path[0]} has no option {path[1]!r}"
+                              f"{_close(path[1], sorted(field_names(load_ref(nested))))}")
+                continue
+        try:
+            value = _yaml_value(text, where)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        opts = stages_raw[sname] = dict(opts)
+        target, ok = opts, True
+        for i, k in enumerate(path[:-1]):
+            inner = target.get(k)
+            if inner is None:
+                inner = {}
+            elif not isinstance(inner, dict):
+                errors.append(f"{where}: {sname}.{'.'.join(path[:i + 1])} is a {type(inner).__name__}, not a "
+                              f"mapping of options; set the whole value (--set {sname}.{'.'.join(path[:i + 1])}=...)")
+                ok = False
+                break
+            target[k] = inner = dict(inner)
+            target = inner
+        if not ok:
+            continue
+        target[path[-1]] = value
+        lines[("stages", sname, *path)] = where
+
+
 def _parse_stages(stages_raw: dict, lines: dict, errors: list[str]) -> dict[str, Stage]:
     """Stage name -> Stage with its type, written options and dependencies (no resolution yet)."""
     names = set(stages_raw)
@@ -437,12 +530,14 @@ def builtin_recipe_path(path: str | Path) -> Path:
     return builtin if builtin.is_file() else path
 
 
-def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: str | None = None,
+                sets: list[str] | None = None) -> Recipe:
     """Parse and validate a whole recipe; raise one ConfigError listing every problem with its line.
 
     `profile` applies the recipe's `profiles: {NAME: {stages: {...}, evaluate: {...}}}` overlay first.
     Every stage's config is built and value-checked here, so a bad value in the last stage fails before
-    the first stage runs.
+    the first stage runs. `sets` (`upstack run --set STAGE.KEY=VALUE`) override single options after the
+    profile, with the same checks as the file.
     """
     path = builtin_recipe_path(path)
     raw, lines = _read_yaml(path)
@@ -459,12 +554,15 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
         raise ConfigError(f"{path}: 'stages' must be a non-empty mapping of stage name -> options")
     stages_raw = dict(stages_raw)
     _expand_evaluate(raw, stages_raw, errors, lines)
+    if sets:
+        _apply_sets(stages_raw, sets, lines, errors)
     stages = _parse_stages(stages_raw, lines, errors)
     order = _toposort(stages, errors)
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     folders = {s: run_dir / s for s in stages}
     for sname in order:
         _prepare_stage(stages[sname], folders, stages, lines, errors)
-    if errors:
+    if errors:  # a problem with a --set value has "line --set ...": it names the option, not a line
+        errors = [e[len("line "):] if e.startswith("line --set ") else e for e in errors]
         raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
     return Recipe(name, path, run_dir, {s: stages[s] for s in order}, raw)
