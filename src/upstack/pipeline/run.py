@@ -20,6 +20,7 @@ from upstack.pipeline.plan import disk_need, estimate_stage
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import DISTRIBUTED_STAGES, STAGE_TYPES, field_names, load_ref
 from upstack.report import MARKER, write_report
+from upstack.train.sharding import take_fsdp_from_accelerate
 
 
 def _check_disk(st: Stage, need_bytes: int | None) -> None:
@@ -39,7 +40,10 @@ def _process_state():
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    import torch
+
+    take_fsdp_from_accelerate()  # else, under an FSDP launch on CPU, every rank believes it is the main one
+    return PartialState(cpu=not torch.cuda.is_available())  # a CPU launch is multi-process CPU (gloo)
 
 
 def _forced_stages(recipe: Recipe, from_stage: str | None, only: str | None) -> set[str]:

@@ -57,14 +57,21 @@ def requested() -> str:
     return "none"
 
 
+def take_fsdp_from_accelerate() -> None:
+    """An FSDP launch is upstack's to shard: accelerate (and transformers' loading) must not do FSDP, or on
+    CPU it reports one process per rank (DistributedType.NO). Call before creating accelerate's state."""
+    if requested() == "fsdp":
+        os.environ[ENV] = "fsdp"                      # remembered for the next stage of this process
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+
+
 def check_fsdp(cfg) -> bool:
     """True when this run shards with FSDP2; a launch that asks for it but cannot have it is refused here,
     before anything is loaded. Also takes FSDP away from accelerate (see the module doc)."""
     if requested() != "fsdp":
         return False
     check_fsdp_values(cfg, world_size())
-    os.environ[ENV] = "fsdp"                      # remembered for the next stage of this process
-    os.environ["ACCELERATE_USE_FSDP"] = "false"   # accelerate (and transformers' loading) must not do FSDP
+    take_fsdp_from_accelerate()
     return True
 
 
