@@ -191,3 +191,26 @@ def test_rehearsal_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_run(out)
     print(f"rehearsal (one process): {took:.0f} s")
+
+
+@pytest.mark.slow
+def test_rehearsal_two_processes_under_fsdp(tmp_path):
+    """The paper's recipe rehearsed under `accelerate launch` with two CPU processes and FSDP2: every stage
+    completes, the training stages really shard (rank 0 holds about half of the parameters), one report."""
+    import shutil
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    out = tmp_path / "run"
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/fsdp-cpu2.yaml"),
+                           "-m", "upstack.cli", "run", "recipes/solar-10.7b.yaml", "--profile", "rehearsal",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_run(out)
+    for stage in ("pretrain", "sft", "dpo", "dpo_b"):
+        start = json.loads((out / stage / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["sharding"] == "fsdp" and start["processes"] == 2, stage
+        assert 0.4 < start["params_local"] / start["total"] < 0.6, stage
+    assert proc.stderr.count("[sft] running sft") == 1  # one copy of each line per launch

@@ -20,6 +20,7 @@ from upstack.pipeline.plan import disk_need, estimate_stage
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import DISTRIBUTED_STAGES, STAGE_TYPES, field_names, load_ref
 from upstack.report import MARKER, write_report
+from upstack.train.run import IN_PIPELINE
 from upstack.train.sharding import take_fsdp_from_accelerate
 
 
@@ -43,6 +44,7 @@ def _process_state():
     import torch
 
     take_fsdp_from_accelerate()  # else, under an FSDP launch on CPU, every rank believes it is the main one
+    os.environ[IN_PIPELINE] = "1"  # training stages keep the process group for the stages after them
     return PartialState(cpu=not torch.cuda.is_available())  # a CPU launch is multi-process CPU (gloo)
 
 
@@ -72,6 +74,10 @@ def _disk_estimate(st: Stage, recipe: Recipe, sizes: dict[str, dict]) -> dict:
         return {}
 
 
+def _silent(*_args) -> None:
+    return None
+
+
 def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
                quiet: bool = False, report: bool = True, log=print) -> dict:
     """Run every stage not already done (same resolved config and inputs); write report.md after each.
@@ -82,6 +88,8 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     """
     state = _process_state()
     main = state is None or state.is_main_process
+    if not main:
+        log = _silent  # one copy of each line per launch, not one per process
     force = _forced_stages(recipe, from_stage, only)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     # One `upstack run` per run folder: the main process holds its lock until the last stage is done.

@@ -31,6 +31,7 @@ from upstack.train.metrics import MetricsLog, report_to_names
 log = logging.getLogger("upstack.train")
 
 # Options that may change between a run and its --resume (they do not change what is trained).
+IN_PIPELINE = "UPSTACK_IN_PIPELINE"  # set by `upstack run`: the process group outlives each training stage
 RESUME_FREE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "logging_steps",
                "tensorboard", "report_to", "keep_checkpoints", "eval_steps"}
 # What a failed start leaves that is not worth keeping (no checkpoint, no cache).
@@ -362,14 +363,18 @@ def close_run(run: Run, failed: bool = False) -> None:
     run.model = run.optimizer = None
     acc = run.accelerator
     acc.free_memory()  # drop its references to the model and optimizer (and empty the CUDA cache)
+    from accelerate.state import AcceleratorState, GradientState
+
     if acc.num_processes > 1:
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if os.environ.get(IN_PIPELINE) == "1":  # later stages of `upstack run` use the same process group
+            acc.wait_for_everyone()
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
+        elif dist.is_initialized():
             dist.destroy_process_group()
         return
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
