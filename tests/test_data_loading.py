@@ -9,6 +9,8 @@ import tracemalloc
 
 import pytest
 
+from upstack.data.loading import SKIP_HINT
+
 from upstack.config import config_from_dict
 from upstack.data import files
 from upstack.data.loading import (DataSpec, LoadReport, compile_filter, format_data_spec, iter_text_documents,
@@ -263,7 +265,7 @@ def test_real_hh_rlhf(shared_data):
     # real defects: row 87's chosen transcript ends with an empty Assistant turn
     with pytest.raises(DataError) as e:
         load_dpo_rows([spec(path)])
-    assert str(e.value) == f"{path} row 87: field 'chosen' has an empty final Assistant reply"
+    assert str(e.value) == f"{path} row 87: field 'chosen' has an empty final Assistant reply" + SKIP_HINT
     rows, report = load_dpo_rows([spec(path)], skip_bad_rows=True)
     src = report.sources[0]
     assert src.format == "hh_rlhf" and (src.read, src.skipped, src.used) == (1000, 5, 995) and len(rows) == 995
@@ -305,7 +307,7 @@ def test_row_errors_name_file_row_and_field(tmp_path):
     p.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as e:
         load_sft_rows([spec(p)])
-    assert str(e.value) == f"{p} row 17: field 'output' must be a string, got null"
+    assert str(e.value) == f"{p} row 17: field 'output' must be a string, got null" + SKIP_HINT
     assert isinstance(e.value, UpstackError) and e.value.exit_code == 2
     p.write_text(json.dumps(ALPACA[0]) + "\n{not json\n[1, 2]\n" + json.dumps(ALPACA[1]) + "\n")
     with pytest.raises(DataError, match=r"x.jsonl row 2: is not valid JSON"):
@@ -371,7 +373,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "build_parser", build_parser)
     assert cli.main([f"{p}:format=alpaca"]) == 2
-    assert capsys.readouterr().err == f"error: {p} row 1: field 'output' must be a string, got null\n"
+    assert capsys.readouterr().err == f"error: {p} row 1: field 'output' must be a string, got null{SKIP_HINT}\n"
 
 
 # --- mixing ---------------------------------------------------------------------------------------

@@ -120,6 +120,8 @@ def _flat_config(config: dict) -> dict:
 
 def start_trackers(names, run_name: str, config: dict) -> list:
     """Started accelerate trackers for the names that are not TensorBoard, with the run's config stored."""
+    if not [n for n in names if n in TRACKERS]:
+        return []  # accelerate.tracking imports every tracker library it finds: only when one is asked for
     from accelerate.tracking import MLflowTracker, TrackioTracker, WandBTracker
 
     out = []
