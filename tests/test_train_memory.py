@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
 
 MEASURE = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 import transformers, peft  # imported before the baseline: the plan counts training memory, not libraries
@@ -26,7 +25,10 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 base = rss()
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large pytest process would
+# report the parent's high-water mark; VmHWM belongs to this process's own memory map.
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) * 1024
+print(json.dumps({"rc": rc, "peak": hwm - base}))
 """
 
 
