@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 
 from upstack.arch import (
-    ARCHS, GENERIC, ArchSpec, LayerField, embed_name, format_layer_ranges, is_head, layer_runs,
-    parse_layer_ranges, remap_config, tied,
+    ARCHS,
+    GENERIC,
+    ArchSpec,
+    LayerField,
+    embed_name,
+    format_layer_ranges,
+    is_head,
+    layer_runs,
+    parse_layer_ranges,
+    remap_config,
+    tied,
 )
 from upstack.errors import ConfigError, UpstackError
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_upscale_errors import no_leftovers as nothing_written
 from test_upscale_errors import run_err
 from tiny import build_tiny_model
+
 from upstack.checkpoint import copy_aux_files, open_adapter, open_checkpoint
 from upstack.cli import main
 from upstack.errors import CheckpointError

@@ -4,12 +4,17 @@ higher than the same model before that training, on that sample (neighbour test 
 import json
 
 import pytest
-
 from conftest import SHARED_DATA
 from tiny import build_tiny_model
+
 from upstack.cli import main
-from upstack.evaluate.contamination import ContaminationConfig, _prefix, contamination, verdict
 from upstack.data.benchmarks import example_text, load_docs
+from upstack.evaluate.contamination import (
+    ContaminationConfig,
+    _prefix,
+    contamination,
+    verdict,
+)
 
 N_EXAMPLES = 16
 

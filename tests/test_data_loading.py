@@ -9,12 +9,19 @@ import tracemalloc
 
 import pytest
 
-from upstack.data.loading import SKIP_HINT
-
 from upstack.config import config_from_dict
 from upstack.data import files
-from upstack.data.loading import (DataSpec, LoadReport, compile_filter, format_data_spec, iter_text_documents,
-                                  load_dpo_rows, load_sft_rows, parse_data_spec)
+from upstack.data.loading import (
+    SKIP_HINT,
+    DataSpec,
+    LoadReport,
+    compile_filter,
+    format_data_spec,
+    iter_text_documents,
+    load_dpo_rows,
+    load_sft_rows,
+    parse_data_spec,
+)
 from upstack.errors import ConfigError, DataError, UpstackError
 
 ALPACA = [

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from upstack.data.benchmarks import detect_benchmark_format as detect_format
+from upstack.data.benchmarks import example_text, load_docs
 from upstack.errors import DataError
 from upstack.evaluate.tasks import hooks
-from upstack.data.benchmarks import detect_benchmark_format as detect_format, example_text, load_docs
 
 LM_EVAL_TASKS = Path(__import__("lm_eval.tasks", fromlist=["x"]).__file__).parent
 

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
 from tiny import build_tiny_model
+
 from upstack.cli import main
 
 # The tiny byte-level tokenizer has 260 tokens (256 bytes + 4 specials); the model must cover them all.

@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from tiny import build_tiny_model
+
 from upstack.errors import DataError
 from upstack.evaluate.perplexity import perplexity, windows
 from upstack.lm import load_for_inference

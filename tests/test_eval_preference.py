@@ -4,8 +4,8 @@ against log-probs computed here token by token; implicit rewards; groups; CLI, t
 import json
 
 import pytest
-
 from tiny import build_tiny_model
+
 from upstack.cli import main
 from upstack.errors import DataError
 

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tiny import build_tiny_model
+
 from upstack.cli import main
 
 VOCAB = 260  # the tiny byte-level tokenizer: 256 bytes + 4 specials

@@ -2,7 +2,8 @@
 
 import pytest
 
-from upstack.data.formats import FORMATS, RowError, convert_row, detect_row_format as detect_format, formats_of
+from upstack.data.formats import FORMATS, RowError, convert_row, formats_of
+from upstack.data.formats import detect_row_format as detect_format
 from upstack.errors import DataError
 
 

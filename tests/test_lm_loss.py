@@ -2,7 +2,6 @@
 and gradients; models whose logits are not the head's output (soft-capping) keep the plain path."""
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")

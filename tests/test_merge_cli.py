@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny import build_tiny_model
+
 from upstack import merge as M
 from upstack.checkpoint import verify_checkpoint
 from upstack.cli import main

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tiny import build_tiny_model
+
 from upstack.cli import main
 from upstack.errors import ConfigError
 from upstack.pipeline import MARKER, load_recipe, run_recipe

@@ -2,7 +2,6 @@
 stage runs, all at once, with line numbers and a "did you mean"."""
 
 import pytest
-
 from tiny import build_tiny_model
 
 

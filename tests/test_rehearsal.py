@@ -123,7 +123,11 @@ def test_generated_files_are_read_by_the_real_formats(tmp_path):
     read as their benchmarks; same seed, same bytes."""
     from upstack.data.benchmarks import benchmark_examples
     from upstack.data.rehearsal import RehearsalDataConfig, run_rehearsal_data
-    from upstack.data.synth_math import read_seed_rows, synthesize, transformers_generate_fn
+    from upstack.data.synth_math import (
+        read_seed_rows,
+        synthesize,
+        transformers_generate_fn,
+    )
 
     out = tmp_path / "d"
     run_rehearsal_data(RehearsalDataConfig(out=str(out)))

@@ -8,13 +8,18 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tiny import build_tiny_model, build_tiny_tokenizer
+
 from upstack.cli import main
 from upstack.data.benchmarks import read_mmlu_csv
 from upstack.data.filters import compile_filter
 from upstack.data.jsonl import read_json_rows
-from upstack.data.loading import DataSpec, iter_text_documents, load_sft_rows, parse_data_spec
+from upstack.data.loading import (
+    DataSpec,
+    iter_text_documents,
+    load_sft_rows,
+    parse_data_spec,
+)
 from upstack.errors import ConfigError, DataError
 from upstack.pipeline import load_recipe
 

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from tiny import build_tiny_model
+
 from upstack.cli import main
 
 torch = pytest.importorskip("torch")
@@ -403,7 +403,11 @@ def test_long_documents_are_tokenized_piecewise_with_the_same_ids(model_dir, tmp
     from transformers import AutoTokenizer
 
     from upstack.data.loading import parse_data_spec
-    from upstack.train.pretrain import document_ids, split_long_document, tokenize_to_file
+    from upstack.train.pretrain import (
+        document_ids,
+        split_long_document,
+        tokenize_to_file,
+    )
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     eos = tok.eos_token_id

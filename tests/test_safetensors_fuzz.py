@@ -6,7 +6,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from upstack.checkpoint import read_safetensors_header, write_checkpoint, TensorPlan
+from upstack.checkpoint import TensorPlan, read_safetensors_header, write_checkpoint
 from upstack.errors import CheckpointError
 
 

@@ -300,8 +300,9 @@ class _FakeVLLM:
                 return self.tok
 
             def generate(self, inputs, params, use_tqdm=True):
-                import torch
                 from types import SimpleNamespace
+
+                import torch
 
                 fake.calls.append(("generate", {"n": len(inputs), "use_tqdm": use_tqdm}))
                 outs = []

@@ -7,7 +7,6 @@ import socket
 import subprocess
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -78,8 +77,8 @@ def test_batch_loss_matches_an_independent_computation(model_dir, multiple):
     with the width rounded up to a multiple (what CUDA runs do by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upstack.lm import collate_segments
     from upstack.data.chat import encode_pairs
+    from upstack.lm import collate_segments
     from upstack.train.dpo import pair_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)

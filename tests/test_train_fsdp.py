@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -276,7 +275,10 @@ def test_qlora_under_fsdp_is_refused(monkeypatch):
 def launcher_env(config: Path) -> tuple:
     """(accelerate launch's parsed args, the environment it gives each process) for a config file, as
     `accelerate launch --config_file CONFIG -m upstack.cli ...` computes them (nothing is started)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "upstack.cli"])

@@ -8,7 +8,6 @@ import os
 import signal
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")

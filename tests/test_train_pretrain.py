@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from tiny import CORPUS, build_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -110,8 +109,8 @@ def test_train_layers_new_trains_only_the_added_blocks(tmp_path):
 
     from upstack.train.layers import freeze_for_training
     from upstack.train.model import prepare_model
-    from upstack.train.run import start_run
     from upstack.train.pretrain import pretrain
+    from upstack.train.run import start_run
 
     m = build_tiny_model(tmp_path / "up", "llama", num_hidden_layers=3, vocab_size=256)
     (m / "upstack.json").write_text(json.dumps({"upscale": {"method": "interleave", "layer_map": [0, 1, 1],
@@ -159,8 +158,8 @@ def test_real_text_samples(tmp_path, shared_data):
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
-    from upstack.train.schedule import lr_at
     from upstack.train.pretrain import PretrainConfig
+    from upstack.train.schedule import lr_at
 
     cfg = PretrainConfig(model="m", data=["x"], out="o", learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)
     lrs = [lr_at(cfg, s, 20) for s in range(20)]

@@ -6,7 +6,6 @@ import math
 import os
 
 import pytest
-
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -69,8 +68,8 @@ def pieces_ids(tok, pieces):
 
 
 def test_multi_turn_labels_are_exactly_the_assistant_tokens(tok):
-    from upstack.lm import collate_segments
     from upstack.data.chat import encode_sft_rows
+    from upstack.lm import collate_segments
 
     msgs = [{"role": "user", "content": "Hi fox."}, {"role": "assistant", "content": "Hello dog."},
             {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "The quick end."}]
@@ -134,8 +133,8 @@ def test_alpaca_template_when_the_tokenizer_has_none(model_dir, tok):
 def test_packed_examples_do_not_attend_to_each_other(model_dir, tok):
     from transformers import AutoModelForCausalLM
 
-    from upstack.lm import collate_segments, forward_logits, supports_packed_positions
     from upstack.data.chat import encode_sft_rows
+    from upstack.lm import collate_segments, forward_logits, supports_packed_positions
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert supports_packed_positions(model)
@@ -341,9 +340,9 @@ def test_resume_with_overwrite_continues_or_starts_over(model_dir, tmp_path):
 def test_pad_multiple_defaults_to_64_on_cuda_only():
     from types import SimpleNamespace
 
+    from upstack.errors import ConfigError
     from upstack.train.config import TrainConfig, check_config
     from upstack.train.run import Run
-    from upstack.errors import ConfigError
 
     def run(device, **kw):
         return Run(cfg=TrainConfig(model="m", data=["x"], out="o", **kw), stage="sft",

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny import build_tiny_model
 
 RUN = r"""

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import build_tiny_model
 from transformers import AutoModelForCausalLM
 
-from tiny import build_tiny_model
+from upstack.arch import parse_layer_ranges
 from upstack.checkpoint import verify_checkpoint
 from upstack.cli import main
-from upstack.arch import parse_layer_ranges
 from upstack.upscale import make_layer_plan
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]

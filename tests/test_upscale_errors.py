@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from tiny import build_tiny_model
+
 from upstack.checkpoint import writer as checkpoint
 from upstack.cli import main
 

@@ -13,13 +13,31 @@ from pathlib import Path
 
 from upstack import __version__
 from upstack.arch import (
-    ArchSpec, format_layer_ranges, get_arch, layer_name, layer_runs, num_layers, parse_layer_ranges,
-    remap_config, split_layer_name,
+    ArchSpec,
+    format_layer_ranges,
+    get_arch,
+    layer_name,
+    layer_runs,
+    num_layers,
+    parse_layer_ranges,
+    remap_config,
+    split_layer_name,
 )
 from upstack.checkpoint import (
-    DTYPE_SIZES, Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output,
-    meta_model, model_card_front_matter, normalize_dtype, open_checkpoint, resolve_model_dir,
-    set_config_dtype, source_plan, write_surgery_output,
+    DTYPE_SIZES,
+    Checkpoint,
+    TensorPlan,
+    TensorRef,
+    assign_shards,
+    check_surgery_output,
+    meta_model,
+    model_card_front_matter,
+    normalize_dtype,
+    open_checkpoint,
+    resolve_model_dir,
+    set_config_dtype,
+    source_plan,
+    write_surgery_output,
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError, UpstackError

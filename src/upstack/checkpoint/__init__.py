@@ -9,22 +9,53 @@ plan), finish (write_surgery_output), verify (inspect/verify).
 """
 
 from upstack.checkpoint.adapter import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, adapter_summary, open_adapter, plan_adapter_merge,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Adapter,
+    adapter_summary,
+    open_adapter,
+    plan_adapter_merge,
 )
 from upstack.checkpoint.blocks import TensorBlockReader
-from upstack.checkpoint.dtypes import DTYPE_ALIASES, DTYPE_SIZES, TORCH_DTYPE_NAMES, normalize_dtype
+from upstack.checkpoint.dtypes import (
+    DTYPE_ALIASES,
+    DTYPE_SIZES,
+    TORCH_DTYPE_NAMES,
+    normalize_dtype,
+)
 from upstack.checkpoint.finish import (
-    check_surgery_output, model_card_front_matter, set_config_dtype, write_surgery_output,
+    check_surgery_output,
+    model_card_front_matter,
+    set_config_dtype,
+    write_surgery_output,
 )
 from upstack.checkpoint.reader import (
-    AUX_FILE_PATTERNS, MAX_HEADER_BYTES, Checkpoint, TensorRef, aux_files, checked_file, load_tensor, open_checkpoint,
-    read_config, read_index, read_safetensors_header, read_tensor_bytes, resolve_model_dir, tensor_to_bytes,
+    AUX_FILE_PATTERNS,
+    MAX_HEADER_BYTES,
+    Checkpoint,
+    TensorRef,
+    aux_files,
+    checked_file,
+    load_tensor,
+    open_checkpoint,
+    read_config,
+    read_index,
+    read_safetensors_header,
+    read_tensor_bytes,
+    resolve_model_dir,
+    tensor_to_bytes,
 )
 from upstack.checkpoint.tokenizer_files import check_same_tokenizer_files, token_table
 from upstack.checkpoint.verify import inspect_checkpoint, meta_model, verify_checkpoint
 from upstack.checkpoint.writer import (
-    TensorPlan, assign_shards, cast_plan, copy_aux_files, source_plan, validate_plan,
-    write_checkpoint, write_shards,
+    TensorPlan,
+    assign_shards,
+    cast_plan,
+    copy_aux_files,
+    source_plan,
+    validate_plan,
+    write_checkpoint,
+    write_shards,
 )
 
 __all__ = [

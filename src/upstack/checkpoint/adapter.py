@@ -24,7 +24,12 @@ from pathlib import Path
 from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
 from upstack.checkpoint.finite import all_finite, nonfinite_error
 from upstack.checkpoint.reader import (
-    Checkpoint, TensorRef, checked_file, load_tensor, read_safetensors_header, tensor_to_bytes,
+    Checkpoint,
+    TensorRef,
+    checked_file,
+    load_tensor,
+    read_safetensors_header,
+    tensor_to_bytes,
 )
 from upstack.checkpoint.writer import TensorPlan, source_plan
 from upstack.errors import CheckpointError

@@ -8,7 +8,12 @@ from pathlib import Path
 from upstack.arch import ARCHS, GENERIC, is_head, split_layer_name
 from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
 from upstack.checkpoint.finite import FLOAT_DTYPES, all_finite, count_nonfinite
-from upstack.checkpoint.reader import Checkpoint, open_checkpoint, read_index, read_tensor_bytes
+from upstack.checkpoint.reader import (
+    Checkpoint,
+    open_checkpoint,
+    read_index,
+    read_tensor_bytes,
+)
 from upstack.errors import CheckpointError
 
 SCAN_CHUNK_BYTES = 64 << 20  # bytes of one tensor read at a time by the NaN/inf scan

@@ -23,7 +23,13 @@ from pathlib import Path
 
 from upstack.checkpoint.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES
 from upstack.checkpoint.finite import all_finite, count_nonfinite
-from upstack.checkpoint.reader import TensorRef, aux_files, load_tensor, read_tensor_bytes, tensor_to_bytes
+from upstack.checkpoint.reader import (
+    TensorRef,
+    aux_files,
+    load_tensor,
+    read_tensor_bytes,
+    tensor_to_bytes,
+)
 from upstack.errors import CheckpointError
 from upstack.outputs import atomic_output_dir
 

@@ -7,7 +7,12 @@ import sys
 
 from upstack.arch import ARCHS, format_layer_ranges, layer_runs
 from upstack.checkpoint import inspect_checkpoint, read_config, verify_checkpoint
-from upstack.commands.output import add_writer_flags, format_table, human_bytes, print_json
+from upstack.commands.output import (
+    add_writer_flags,
+    format_table,
+    human_bytes,
+    print_json,
+)
 from upstack.upscale import UpscaleConfig, upscale
 
 ORDER = 10

@@ -14,7 +14,13 @@ from upstack.data.spec import split_named
 from upstack.errors import ConfigError
 from upstack.evaluate.contamination import ContaminationConfig, contamination
 from upstack.evaluate.contamination import format_report as contamination_report
-from upstack.evaluate.harness import EvalConfig, compare, compare_table, evaluate, markdown_table
+from upstack.evaluate.harness import (
+    EvalConfig,
+    compare,
+    compare_table,
+    evaluate,
+    markdown_table,
+)
 
 ORDER = 50
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from upstack.commands.output import add_writer_flags, format_table, human_bytes, print_json
+from upstack.commands.output import (
+    add_writer_flags,
+    format_table,
+    human_bytes,
+    print_json,
+)
 from upstack.errors import ConfigError
 from upstack.merge import (
-    MergeAdapterConfig, MergeConfig, ModelEntry, config_from_yaml, format_param, merge, merge_adapter,
+    MergeAdapterConfig,
+    MergeConfig,
+    ModelEntry,
+    config_from_yaml,
+    format_param,
+    merge,
+    merge_adapter,
 )
 
 ORDER = 40

@@ -115,7 +115,10 @@ def _print_plan(recipe, rows, as_json: bool) -> None:
 
 
 def run_run(args) -> int:
-    from upstack.pipeline import load_recipe, plan_recipe  # lazy: see the module docstring
+    from upstack.pipeline import (  # lazy: see the module docstring
+        load_recipe,
+        plan_recipe,
+    )
 
     recipe = load_recipe(args.recipe, args.out, profile=args.profile, sets=args.sets)
     if args.dry_run:

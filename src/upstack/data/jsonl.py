@@ -9,7 +9,6 @@ from typing import Any, Iterable, Iterator
 
 from upstack.errors import DataError
 
-
 TOO_DEEP = "nests too deeply for Python's JSON reader"
 
 

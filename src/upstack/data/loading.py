@@ -17,10 +17,23 @@ from typing import Iterator
 
 from upstack.data.files import file_type
 from upstack.data.filters import compile_filter
-from upstack.data.formats import FORMATS, KINDS, RowError, check_format, convert_row, detect_row_format, json_type
+from upstack.data.formats import (
+    FORMATS,
+    KINDS,
+    RowError,
+    check_format,
+    convert_row,
+    detect_row_format,
+    json_type,
+)
 from upstack.data.load_report import LoadReport, SourceReport
 from upstack.data.mixing import chain, interleave, mix
-from upstack.data.sources import document_records, iter_records, load_hub_dataset, resolve_files
+from upstack.data.sources import (
+    document_records,
+    iter_records,
+    load_hub_dataset,
+    resolve_files,
+)
 from upstack.data.spec import DataSpec, format_data_spec, parse_data_spec
 from upstack.errors import ConfigError, DataError
 

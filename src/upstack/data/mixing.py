@@ -10,6 +10,7 @@ from upstack.data.load_report import LoadReport
 from upstack.data.spec import DataSpec
 from upstack.errors import DataError
 
+
 def mix(specs: list[DataSpec], per_source: list[list[dict]], report: LoadReport, seed: int) -> list[dict]:
     """Per source: `samples` -> exactly that many (seeded sample); `weight` -> a share of the weighted
     total, which is as large as the sources allow without repeating a row; neither -> every row in

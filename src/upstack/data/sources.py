@@ -6,7 +6,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from upstack.data.files import ROW_SUFFIXES, TEXT_SUFFIXES, file_type, guess_text_unit, iter_file_records, iter_txt
+from upstack.data.files import (
+    ROW_SUFFIXES,
+    TEXT_SUFFIXES,
+    file_type,
+    guess_text_unit,
+    iter_file_records,
+    iter_txt,
+)
 from upstack.data.spec import DataSpec
 from upstack.errors import ConfigError, DataError
 from upstack.hub import hub_offline

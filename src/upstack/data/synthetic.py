@@ -28,8 +28,14 @@ from typing import Literal
 from upstack.data.ngrams import exact_overlap, ngram_overlap
 from upstack.data.ngrams import words as ngram_words
 from upstack.data.tokenizer import train_tokenizer
-from upstack.data.word_problems import OBJECTS, TEMPLATES, apply_op, math_pair, sample_problems
-from upstack.data.word_problems import REJECTED_KINDS  # noqa: F401  (re-exported: tests and docs name it here)
+from upstack.data.word_problems import (
+    OBJECTS,
+    REJECTED_KINDS,  # noqa: F401  (re-exported: tests and docs name it here)
+    TEMPLATES,
+    apply_op,
+    math_pair,
+    sample_problems,
+)
 from upstack.errors import ConfigError
 from upstack.outputs import atomic_output_dir
 

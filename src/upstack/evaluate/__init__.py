@@ -7,7 +7,14 @@ Nothing here imports torch, transformers or lm_eval at import time.
 """
 
 from upstack.evaluate.contamination import ContaminationConfig, contamination
-from upstack.evaluate.harness import H6, EvalConfig, compare, evaluate, h6_score, markdown_table
+from upstack.evaluate.harness import (
+           H6,
+           EvalConfig,
+           compare,
+           evaluate,
+           h6_score,
+           markdown_table,
+)
 from upstack.evaluate.perplexity import perplexity
 from upstack.evaluate.preference import preference
 

@@ -14,9 +14,19 @@ from typing import Any
 from upstack.errors import CheckpointError, ConfigError, DataError, UpstackError
 from upstack.evaluate.config import EvalConfig
 from upstack.evaluate.results import convert_results
-from upstack.evaluate.tasks.registry import H6_BY_TASK, LOCAL_TASKS, PRESETS, known_task_names
+from upstack.evaluate.tasks.registry import (
+    H6_BY_TASK,
+    LOCAL_TASKS,
+    PRESETS,
+    known_task_names,
+)
 from upstack.hub import hub_offline
-from upstack.lm import DEFAULT_MAX_POSITIONS, max_positions, model_config, resolve_device
+from upstack.lm import (
+    DEFAULT_MAX_POSITIONS,
+    max_positions,
+    model_config,
+    resolve_device,
+)
 
 
 def load_lm(cfg: EvalConfig):

@@ -30,9 +30,15 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from upstack.errors import ConfigError
 from upstack.data.benchmarks import benchmark_examples, parse_benchmark
-from upstack.lm import check_model_path, check_token_ids, load_for_inference, model_max_positions, same_tokenizer
+from upstack.errors import ConfigError
+from upstack.lm import (
+    check_model_path,
+    check_token_ids,
+    load_for_inference,
+    model_max_positions,
+    same_tokenizer,
+)
 from upstack.outputs import check_output_free, write_text_atomic
 
 log = logging.getLogger(__name__)

@@ -23,13 +23,27 @@ from typing import Any
 
 from upstack.errors import ConfigError, DataError
 from upstack.evaluate.bridge import (
-    NOTE_FILTER, TRUNCATIONS, fewshot_for, load_lm, load_tasks, run_harness, task_manager, write_samples,
+    NOTE_FILTER,
+    TRUNCATIONS,
+    fewshot_for,
+    load_lm,
+    load_tasks,
+    run_harness,
+    task_manager,
+    write_samples,
 )
 from upstack.evaluate.config import EvalConfig, check_config
 from upstack.evaluate.perplexity import perplexity
 from upstack.evaluate.preference import preference
 from upstack.evaluate.results import (
-    PREFERENCE_METRICS, RESULTS_FORMAT, compare, compare_table, h6_score, markdown_table, preference_parts, versions,
+    PREFERENCE_METRICS,
+    RESULTS_FORMAT,
+    compare,
+    compare_table,
+    h6_score,
+    markdown_table,
+    preference_parts,
+    versions,
     write_results,
 )
 from upstack.evaluate.tasks.local import write_local_tasks

@@ -34,7 +34,13 @@ from upstack.data.jsonl import read_json_rows
 from upstack.data.loading import load_dpo_rows, parse_data_spec
 from upstack.errors import DataError
 from upstack.lm import (
-    collate_segments, forward_scored, load_for_inference, model_max_positions, pad_token_id, sequence_logps, to_device,
+    collate_segments,
+    forward_scored,
+    load_for_inference,
+    model_max_positions,
+    pad_token_id,
+    sequence_logps,
+    to_device,
 )
 
 log = logging.getLogger(__name__)

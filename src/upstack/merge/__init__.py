@@ -31,17 +31,32 @@ from upstack.merge.functions import dare, linear, slerp, task_arithmetic, ties
 from upstack.merge.kernels import compute_chunks
 from upstack.merge.methods import ALIASES, METHODS, canonical_method
 from upstack.merge.methods.dare import dare_keep_mask, dare_seed
-from upstack.merge.methods.slerp import SLERP_DOT_THRESHOLD, SLERP_EPS, slerp_coefficients
+from upstack.merge.methods.slerp import (
+    SLERP_DOT_THRESHOLD,
+    SLERP_EPS,
+    slerp_coefficients,
+)
 from upstack.merge.recipe import TensorRecipe
 from upstack.merge.settings import (
-    BOOL_PARAMS, MergeConfig, ModelEntry, check_setting, config_from_yaml, evaluate_setting,
-    normalize_config_dict, tensor_depth, validate_config,
+    BOOL_PARAMS,
+    MergeConfig,
+    ModelEntry,
+    check_setting,
+    config_from_yaml,
+    evaluate_setting,
+    normalize_config_dict,
+    tensor_depth,
+    validate_config,
 )
 from upstack.merge.spec import REQUIRED, MethodSpec
 from upstack.merge.stage import FLOAT_DTYPES, merge
 from upstack.merge.streaming import CHUNK_BYTES, chunk_elements, default_workers
 from upstack.merge.summary import (
-    format_param, merge_model_card, resolved_config, summarize_groups, tensor_group,
+    format_param,
+    merge_model_card,
+    resolved_config,
+    summarize_groups,
+    tensor_group,
 )
 
 __all__ = [

@@ -13,8 +13,17 @@ from pathlib import Path
 
 from upstack import __version__
 from upstack.checkpoint import (
-    adapter_summary, assign_shards, check_surgery_output, model_card_front_matter, normalize_dtype,
-    open_adapter, open_checkpoint, plan_adapter_merge, resolve_model_dir, set_config_dtype, write_surgery_output,
+    adapter_summary,
+    assign_shards,
+    check_surgery_output,
+    model_card_front_matter,
+    normalize_dtype,
+    open_adapter,
+    open_checkpoint,
+    plan_adapter_merge,
+    resolve_model_dir,
+    set_config_dtype,
+    write_surgery_output,
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError

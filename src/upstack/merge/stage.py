@@ -11,8 +11,15 @@ from pathlib import Path
 from upstack import __version__
 from upstack.arch import ArchSpec, embed_name, get_arch, tied
 from upstack.checkpoint import (
-    Checkpoint, TensorPlan, TensorRef, assign_shards, check_surgery_output, normalize_dtype, open_checkpoint,
-    set_config_dtype, write_surgery_output,
+    Checkpoint,
+    TensorPlan,
+    TensorRef,
+    assign_shards,
+    check_surgery_output,
+    normalize_dtype,
+    open_checkpoint,
+    set_config_dtype,
+    write_surgery_output,
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError

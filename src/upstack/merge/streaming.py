@@ -17,7 +17,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from upstack.checkpoint import (
-    DTYPE_SIZES, TORCH_DTYPE_NAMES, TensorBlockReader, TensorPlan, TensorRef, tensor_to_bytes,
+    DTYPE_SIZES,
+    TORCH_DTYPE_NAMES,
+    TensorBlockReader,
+    TensorPlan,
+    TensorRef,
+    tensor_to_bytes,
 )
 from upstack.merge import blocks, kernels
 from upstack.merge.blocks import Scratch

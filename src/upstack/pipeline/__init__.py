@@ -27,7 +27,13 @@ recipes.
 
 from upstack.pipeline.fingerprint import stage_done, stage_fingerprint
 from upstack.pipeline.plan import KNOWN_CONFIGS, estimate_stage, plan_recipe
-from upstack.pipeline.recipe import BUILTIN_RECIPES, Recipe, Stage, builtin_recipe_path, load_recipe
+from upstack.pipeline.recipe import (
+    BUILTIN_RECIPES,
+    Recipe,
+    Stage,
+    builtin_recipe_path,
+    load_recipe,
+)
 from upstack.pipeline.run import run_recipe
 from upstack.pipeline.stages import DISTRIBUTED_STAGES, STAGE_TYPES, StageType
 from upstack.report import MARKER

@@ -22,7 +22,12 @@ from upstack.pipeline.fingerprint import stage_done
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import STAGE_TYPES, field_names, load_ref
 from upstack.train.memory import gpus_needed, stage_memory_plan
-from upstack.upscale import UpscaleConfig, count_parameters_from_config, make_layer_plan, upscale
+from upstack.upscale import (
+    UpscaleConfig,
+    count_parameters_from_config,
+    make_layer_plan,
+    upscale,
+)
 
 # Public hyperparameters of models a recipe names by hub id, so that `run --dry-run` can plan offline
 # without the checkpoint (the real run needs the downloaded folder).

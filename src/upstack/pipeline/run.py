@@ -18,7 +18,12 @@ from upstack.outputs import output_lock, write_text_atomic
 from upstack.pipeline.fingerprint import stage_done, stage_fingerprint
 from upstack.pipeline.plan import disk_need, estimate_stage
 from upstack.pipeline.recipe import Recipe, Stage
-from upstack.pipeline.stages import DISTRIBUTED_STAGES, STAGE_TYPES, field_names, load_ref
+from upstack.pipeline.stages import (
+    DISTRIBUTED_STAGES,
+    STAGE_TYPES,
+    field_names,
+    load_ref,
+)
 from upstack.report import MARKER, write_report
 from upstack.train.run import IN_PIPELINE
 from upstack.train.sharding import take_fsdp_from_accelerate
@@ -39,9 +44,8 @@ def _process_state():
     """accelerate's process state when launched with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import PartialState
-
     import torch
+    from accelerate import PartialState
 
     take_fsdp_from_accelerate()  # else, under an FSDP launch on CPU, every rank believes it is the main one
     os.environ[IN_PIPELINE] = "1"  # training stages keep the process group for the stages after them

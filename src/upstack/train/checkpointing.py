@@ -7,8 +7,14 @@ import os
 import shutil
 
 from upstack.checkpoint import (
-    TORCH_DTYPE_NAMES, copy_aux_files, normalize_dtype, open_adapter, open_checkpoint, plan_adapter_merge,
-    resolve_model_dir, write_shards,
+    TORCH_DTYPE_NAMES,
+    copy_aux_files,
+    normalize_dtype,
+    open_adapter,
+    open_checkpoint,
+    plan_adapter_merge,
+    resolve_model_dir,
+    write_shards,
 )
 from upstack.config import config_to_dict
 from upstack.lm import read_upstack_json

@@ -30,17 +30,33 @@ from upstack.data.chat import TEMPLATES, encode_pairs
 from upstack.data.loading import load_dpo_rows
 from upstack.errors import ConfigError, DataError
 from upstack.lm import (
-    check_model_path, check_same_vocab, collate_segments, disable_dropout, load_model, pad_token_id, scored_logps,
+    check_model_path,
+    check_same_vocab,
+    collate_segments,
+    disable_dropout,
+    load_model,
+    pad_token_id,
+    scored_logps,
 )
 from upstack.outputs import atomic_file
 from upstack.train.checkpointing import save_final
-from upstack.train.config import TrainConfig, check_config, master_dtype, train_and_eval_specs
+from upstack.train.config import (
+    TrainConfig,
+    check_config,
+    master_dtype,
+    train_and_eval_specs,
+)
 from upstack.train.inputs import load_chat_data
-from upstack.train.lora import AdapterDisabled, lora_enabled
 from upstack.train.loop import Task, train_loop
+from upstack.train.lora import AdapterDisabled, lora_enabled
 from upstack.train.model import load_training_model, prepare_model, trainable_model
 from upstack.train.run import Run, identity_key, seed_everything, start_run
-from upstack.train.schedule import EpochOrder, fit_batch_to_items, global_batch_size, total_steps
+from upstack.train.schedule import (
+    EpochOrder,
+    fit_batch_to_items,
+    global_batch_size,
+    total_steps,
+)
 
 log = logging.getLogger("upstack.train")
 

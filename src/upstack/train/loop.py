@@ -37,8 +37,8 @@ from upstack.outputs import Terminated
 from upstack.train.checkpointing import load_checkpoint, save_checkpoint
 from upstack.train.metrics import Derive, averaged, peak_rss_mb
 from upstack.train.run import Run
-from upstack.train.sharding import clip_grad_norm_
 from upstack.train.schedule import EpochOrder, global_batch_size, lr_at, total_steps
+from upstack.train.sharding import clip_grad_norm_
 
 log = logging.getLogger("upstack.train")
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from upstack.errors import CheckpointError, ConfigError
 from upstack.lm import (
-    check_token_ids, checkpoint_dtype, forward_scored, load_model, loss_chunk_positions, token_nll,
+    check_token_ids,
+    checkpoint_dtype,
+    forward_scored,
+    load_model,
+    loss_chunk_positions,
+    token_nll,
 )
 from upstack.train.config import TrainConfig, master_dtype
 from upstack.train.layers import freeze_for_training

@@ -19,16 +19,33 @@ from pathlib import Path
 
 from upstack.data.loading import LoadReport, iter_text_documents
 from upstack.errors import ConfigError, DataError
-from upstack.lm import collate_segments, load_tokenizer, pad_token_id, supports_packed_positions
+from upstack.lm import (
+    collate_segments,
+    load_tokenizer,
+    pad_token_id,
+    supports_packed_positions,
+)
 from upstack.outputs import atomic_file
 from upstack.train.checkpointing import save_final
 from upstack.train.config import TrainConfig, check_config, train_and_eval_specs
 from upstack.train.inputs import held_out_split
 from upstack.train.loop import Task, train_loop
 from upstack.train.metrics import add_perplexity
-from upstack.train.model import lm_loss, load_training_model, prepare_model, trainable_model
+from upstack.train.model import (
+    lm_loss,
+    load_training_model,
+    prepare_model,
+    trainable_model,
+)
+from upstack.train.run import (
+    Run,
+    data_fingerprint,
+    identity_key,
+    seed_everything,
+    start_run,
+    tokenizer_fingerprint,
+)
 from upstack.train.schedule import fit_batch_to_items
-from upstack.train.run import Run, data_fingerprint, identity_key, seed_everything, start_run, tokenizer_fingerprint
 
 log = logging.getLogger("upstack.train")
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from upstack.config import config_to_dict
+from upstack.data.sources import resolve_files
 from upstack.errors import CheckpointError, ConfigError, OutputExistsError, UpstackError
 from upstack.lm import check_model_path
-from upstack.data.sources import resolve_files
 from upstack.outputs import check_output_free, file_identity, output_lock
 from upstack.train.config import TrainConfig, train_and_eval_specs
 from upstack.train.layers import check_train_layers

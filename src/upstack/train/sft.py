@@ -17,14 +17,19 @@ from upstack.data.chat import TEMPLATES, encode_sft_rows
 from upstack.data.loading import load_sft_rows
 from upstack.errors import ConfigError, DataError
 from upstack.lm import collate_segments, pad_token_id, supports_packed_positions
+from upstack.train.checkpointing import save_final
 from upstack.train.config import TrainConfig, check_config, train_and_eval_specs
 from upstack.train.inputs import load_chat_data
 from upstack.train.loop import Task, train_loop
-from upstack.train.checkpointing import save_final
 from upstack.train.metrics import add_perplexity
-from upstack.train.model import lm_loss, load_training_model, prepare_model, trainable_model
-from upstack.train.schedule import fit_batch_to_items
+from upstack.train.model import (
+    lm_loss,
+    load_training_model,
+    prepare_model,
+    trainable_model,
+)
 from upstack.train.run import seed_everything, start_run
+from upstack.train.schedule import fit_batch_to_items
 
 log = logging.getLogger("upstack.train")
 

@@ -154,7 +154,10 @@ def clip_grad_norm_(params: list, max_norm: float):
 
 def full_state_dict(model) -> dict:
     """The full (unsharded) weights on rank 0, on CPU; {} on the other ranks. Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -164,7 +167,10 @@ def _inner(optimizer):
 
 
 def _states(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, _inner(optimizer))}
 
@@ -197,7 +203,10 @@ def load_sharded(folder: Path, rank: int, model, optimizer) -> None:
     import numpy as np
     import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     states = _states(model, optimizer)
     dcp.load(states, checkpoint_id=str(Path(folder) / SHARDED_DIR))
