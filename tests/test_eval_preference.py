@@ -122,7 +122,7 @@ def test_cli_writes_results_tables_and_compare(models, tmp_path, capsys):
     # the report flattens the same numbers for a run's results.json
     from upstack.report import _flat_scores
 
-    flat = _flat_scores(res)
+    flat, _ = _flat_scores(res)  # (values, stderr and n per value)
     assert flat["preference/pairs.jsonl/accuracy"] == p["accuracy"]
     assert flat["preference/pairs.jsonl[math]/margin"] == p["groups"]["math"]["margin"]
 
