@@ -37,3 +37,16 @@ def hide_hub_progress_bars() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+# Public config.json of models recipes name by hub id, so that plans and rehearsals work offline without
+# the checkpoint (a real run needs the downloaded folder).
+KNOWN_CONFIGS = {
+    "mistralai/Mistral-7B-v0.1": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+        "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "sliding_window": 4096, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
+}

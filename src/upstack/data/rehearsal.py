@@ -42,18 +42,12 @@ from typing import Literal
 from upstack.data.synthetic import build_world
 from upstack.data.tokenizer import train_tokenizer
 from upstack.errors import ConfigError
+from upstack.hub import KNOWN_CONFIGS
 from upstack.outputs import atomic_output_dir
 
-# Mistral-7B-v0.1's public config.json (the same values as `upstack.pipeline.plan.KNOWN_CONFIGS`, which this
-# layer may not import; tests/test_rehearsal.py checks that they agree).
-MISTRAL_7B = {
-    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
-    "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "sliding_window": 4096, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
-    "bos_token_id": 1, "eos_token_id": 2,
-}
-LIKE = {"mistralai/Mistral-7B-v0.1": MISTRAL_7B}
+# Mistral-7B-v0.1's public config.json (upstack.hub.KNOWN_CONFIGS, which the planner uses too).
+MISTRAL_7B = KNOWN_CONFIGS["mistralai/Mistral-7B-v0.1"]
+LIKE = KNOWN_CONFIGS
 GENERATOR_REPLY = "The answer is: 4"   # what the stub generator says to every prompt
 OPENORCA_PREFIXES = ("flan", "niv", "t0", "cot")  # the recipe's filter drops flan and niv
 

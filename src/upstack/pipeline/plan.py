@@ -18,6 +18,7 @@ from upstack.base import BaseConfig, model_config_dict
 from upstack.checkpoint import read_config
 from upstack.config import config_from_dict
 from upstack.errors import UpstackError
+from upstack.hub import KNOWN_CONFIGS
 from upstack.pipeline.fingerprint import stage_done
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import STAGE_TYPES, field_names, load_ref
@@ -29,17 +30,6 @@ from upstack.upscale import (
     upscale,
 )
 
-# Public hyperparameters of models a recipe names by hub id, so that `run --dry-run` can plan offline
-# without the checkpoint (the real run needs the downloaded folder).
-KNOWN_CONFIGS = {
-    "mistralai/Mistral-7B-v0.1": {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
-        "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "sliding_window": 4096, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2,
-    },
-}
 
 BASE_VOCAB_SIZE = 512            # the base stage's tokenizer does not exist before the run: the demo's size
 GPU_SIZES_GB = (24, 80)          # the dry run says how many GPUs of these sizes each training method needs
