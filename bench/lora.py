@@ -2,13 +2,17 @@
 
 Builds a ~100M-parameter Llama (hidden 640, 12 layers, MLP 1728, Mistral's 32k vocabulary) and an SFT set
 of long alpaca rows, then runs `upstack sft` three times, each in its own process (peak RSS from
-/usr/bin/time): full fine-tuning (fp32), `--lora` (r 16, every linear module, fp32 base) and `--qlora`
-(r 16, NF4 base, bf16 compute), all at batch 2 x 512 tokens with gradient checkpointing, the same steps.
-tokens/s is the median per-step rate over the logged steps after the first.
+/usr/bin/time): full fine-tuning, `--lora` (r 16, every linear module, dropout 0.05) and `--qlora` (r 16,
+NF4 base), all at batch 2 x 512 tokens with gradient checkpointing, the same steps, each in the precision
+it is used in: --dtype bf16-mixed (full: fp32 master weights and AdamW states, bf16 autocast; LoRA: the
+frozen base in bf16, fp32 adapters; QLoRA: NF4 base, bf16 compute), or all in fp32 with --dtype fp32.
+tokens/s is the median per-step rate over the logged steps after the first. Peak RSS includes Python,
+torch and the libraries; "above idle" subtracts the peak RSS of the same command with --dry-run (the same
+imports, config and tokenizer, no weights), which is the part that compares with GPU memory.
 Targets (issue 14): LoRA peak memory <= 0.5x full, QLoRA <= 0.35x full; LoRA tokens/s >= 1.2x full.
 Appends the figures to bench/RESULTS.md.
 
-usage: python bench/lora.py [--work DIR] [--steps 6] [--threads 2] [--no-record]
+usage: python bench/lora.py [--work DIR] [--steps 10] [--threads 2] [--dtype bf16-mixed|fp32] [--no-record]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import record, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"full": [], "lora": ["--lora"], "qlora": ["--qlora", "--dtype", "bf16"]}
+METHODS = {"full": [], "lora": ["--lora"], "qlora": ["--qlora"]}
 
 
 def build(work: Path) -> tuple[Path, Path]:
@@ -38,7 +42,7 @@ def build(work: Path) -> tuple[Path, Path]:
     if not model.exists():
         build_tiny_model(model, "llama", hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
                          num_attention_heads=10, num_key_value_heads=5, vocab_size=32000,
-                         max_position_embeddings=1024)
+                         max_position_embeddings=1024, dtype="bfloat16")  # as real bases ship
     data = work / "sft.jsonl"
     words = "the model learns to follow instructions about depth up scaling and merging".split()
     rows = [{"instruction": " ".join(words[(i + k) % len(words)] for k in range(120)), "input": "",
@@ -47,7 +51,7 @@ def build(work: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def run(method: str, model: Path, data: Path, work: Path, steps: int, threads: int) -> dict:
+def run(method: str, model: Path, data: Path, work: Path, steps: int, threads: int, dtype: str) -> dict:
     out = work / f"out-{method}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / f"out-{method}.work", ignore_errors=True)
@@ -55,12 +59,13 @@ def run(method: str, model: Path, data: Path, work: Path, steps: int, threads: i
            "from upstack.cli import main; raise SystemExit(main())",
            "sft", str(model), "--data", str(data), "--out", str(out), "--max-steps", str(steps),
            "--batch-size", "2", "--max-length", "512", "--no-packing", "--gradient-checkpointing",
-           "--logging-steps", "1", "--save-steps", "0", "--no-tensorboard", "-q", *METHODS[method]]
+           "--logging-steps", "1", "--save-steps", "0", "--no-tensorboard", "-q", "--dtype", dtype, *METHODS[method]]
+    _, idle = timed([*cmd, "--dry-run"])
     seconds, rss = timed(cmd)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in recs if r["type"] == "train" and r["step"] > 1]
     start = recs[0]
-    return {"method": method, "peak_rss": rss, "tokens_per_s": statistics.median(rates), "seconds": seconds,
+    return {"method": method, "peak_rss": rss, "idle_rss": idle, "tokens_per_s": statistics.median(rates), "seconds": seconds,
             "trainable": start["trainable"], "total": start["total"],
             "loss": [r["loss"] for r in recs if r["type"] == "train"][-1]}
 
@@ -68,8 +73,10 @@ def run(method: str, model: Path, data: Path, work: Path, steps: int, threads: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "lora"))
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16-mixed", choices=["bf16-mixed", "fp32"],
+                    help="--dtype of the full and LoRA runs (QLoRA computes in bf16 either way)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
@@ -78,29 +85,38 @@ def main() -> None:
     load = os.getloadavg()
     results = {}
     for method in METHODS:
-        results[method] = r = run(method, model, data, work, args.steps, args.threads)
-        print(f"  {method}: peak RSS {r['peak_rss'] / 1e6:,.0f} MB, {r['tokens_per_s']:,.0f} tokens/s, "
-              f"{r['trainable']:,} of {r['total']:,} parameters trained", flush=True)
+        dtype = "bf16-mixed" if method == "qlora" else args.dtype
+        results[method] = r = run(method, model, data, work, args.steps, args.threads, dtype)
+        print(f"  {method}: peak RSS {r['peak_rss'] / 1e6:,.0f} MB (idle {r['idle_rss'] / 1e6:,.0f} MB), "
+              f"{r['tokens_per_s']:,.0f} tokens/s, {r['trainable']:,} of {r['total']:,} parameters trained", flush=True)
     full = results["full"]
     targets = {"lora": (0.5, 1.2), "qlora": (0.35, None)}
     lines = [
         f"\n## full vs LoRA vs QLoRA SFT on CPU (`bench/lora.py`) — {datetime.date.today()}, {platform.machine()}, "
         f"{os.cpu_count()} cores, python {platform.python_version()}\n",
         f"~{full['total'] / 1e6:.0f}M-parameter Llama (hidden 640, 12 layers, 32k vocabulary), SFT at batch 2 x 512 "
-        f"tokens, gradient checkpointing, {args.steps} steps, {args.threads} torch threads; LoRA/QLoRA r 16 on every "
-        "linear module; each run in its own process (peak RSS from /usr/bin/time; includes Python and torch). "
-        f"Load average at the start: {load[0]:.1f}. Targets: LoRA memory <= 0.5x full and tokens/s >= 1.2x full; "
-        "QLoRA memory <= 0.35x full.\n",
-        "| method | trained parameters | peak RSS | vs full | tokens/s | vs full | final loss |",
-        "|---|---|---|---|---|---|---|",
+        f"tokens, gradient checkpointing, {args.steps} steps, {args.threads} torch threads, --dtype {args.dtype} "
+        "(QLoRA: NF4 base, bf16 compute); LoRA/QLoRA r 16 on every linear module, dropout 0.05; each run in its "
+        "own process (peak RSS from /usr/bin/time, including Python and torch; \"above idle\": minus the peak RSS "
+        f"of the same command with --dry-run). Load average at the start: {load[0]:.1f}. Targets: LoRA memory <= "
+        "0.5x full and tokens/s >= 1.2x full; QLoRA memory <= 0.35x full.\n",
+        "| method | trained parameters | peak RSS | vs full | above idle | vs full | tokens/s | vs full | final loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def mark(value, target, lower_is_better=True):
+        if target is None:
+            return ""
+        return " (ok)" if (value <= target if lower_is_better else value >= target) else " (missed)"
+
     for method, r in results.items():
         mem, speed = r["peak_rss"] / full["peak_rss"], r["tokens_per_s"] / full["tokens_per_s"]
+        above = r["peak_rss"] - r["idle_rss"]
+        mem_above = above / (full["peak_rss"] - full["idle_rss"])
         t_mem, t_speed = targets.get(method, (None, None))
-        mark_mem = "" if t_mem is None else (" (ok)" if mem <= t_mem else " (above target)")
-        mark_speed = "" if t_speed is None else (" (ok)" if speed >= t_speed else " (below target)")
-        lines.append(f"| {method} | {r['trainable']:,} | {r['peak_rss'] / 1e6:,.0f} MB | {mem:.2f}x{mark_mem} | "
-                     f"{r['tokens_per_s']:,.0f} | {speed:.2f}x{mark_speed} | {r['loss']:.3f} |")
+        lines.append(f"| {method} | {r['trainable']:,} | {r['peak_rss'] / 1e6:,.0f} MB | {mem:.2f}x{mark(mem, t_mem)} | "
+                     f"{above / 1e6:,.0f} MB | {mem_above:.2f}x{mark(mem_above, t_mem)} | {r['tokens_per_s']:,.0f} | "
+                     f"{speed:.2f}x{mark(speed, t_speed, False)} | {r['loss']:.3f} |")
     record("\n".join(lines) + "\n", not args.no_record)
 
 

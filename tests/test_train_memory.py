@@ -71,10 +71,11 @@ def test_plan_parts_and_gpu_counts():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden,layers", [(256, 4), (512, 6)])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora-bf16-mixed"])
 def test_plan_matches_peak_memory_of_real_cpu_runs(tmp_path, hidden, layers, method):
-    """Measured here (2026-11-30): full training 1.06x / 1.08x the plan, LoRA 1.35x / 1.16x (the fixed
-    ~45 MB of the run itself weighs more on the small model); bound: 0.9x-1.6x."""
+    """Measured here (2026-11-30): full training 1.13x / 1.07x the plan, LoRA 1.20x / 1.26x (the fixed
+    ~45 MB of the run itself weighs more on the small model), LoRA under bf16-mixed (bf16 base) 1.44x / 1.47x
+    (CPU autocast keeps the norms and the residual stream in fp32, where the plan counts 2 bytes); bound: 0.9x-1.6x."""
     from upstack.train.memory import memory_plan
 
     model = build_tiny_model(tmp_path / "m", "llama", hidden_size=hidden, num_hidden_layers=layers,
@@ -85,14 +86,17 @@ def test_plan_matches_peak_memory_of_real_cpu_runs(tmp_path, hidden, layers, met
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["sft", str(model), "--data", str(data), "--out", str(tmp_path / "out"), "--max-steps", "2",
             "--batch-size", "2", "--max-length", "256", "--no-packing", "-q", "--no-tensorboard", "--save-steps", "0"]
-    if method == "lora":
+    if method.startswith("lora"):
         args.append("--lora")
+    dtype = "bf16-mixed" if method.endswith("bf16-mixed") else "fp32"
+    args += ["--dtype", dtype]
     proc = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, timeout=600)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, proc.stderr[-2000:]
     config = json.loads((model / "config.json").read_text())
-    plan = memory_plan(config, stage="sft", batch_size=2, max_length=256)
-    ratio = result["peak"] / plan["methods"][method]["total"]
+    plan = memory_plan(config, stage="sft", batch_size=2, max_length=256, dtype=dtype)
+    ratio = result["peak"] / plan["methods"][method.split("-")[0]]["total"]
+    print(f"{method} {hidden}: {ratio:.2f}x the plan")
     assert 0.9 <= ratio <= 1.6, (ratio, result["peak"], plan["methods"][method])
 
 

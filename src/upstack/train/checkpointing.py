@@ -160,6 +160,7 @@ def _save_adapter_output(run: Run, peft, folder, save_dtype: str, state_dict) ->
     _point_adapter_at_base(adapter_dir, cfg.model)
     if cfg.adapter_only:
         return
+    release_weights(peft)  # the merge reads the base from disk: the trained copy is not needed any more
     base = open_checkpoint(resolve_model_dir(cfg.model))
     plans = plan_adapter_merge(base, open_adapter(adapter_dir), cfg.model, normalize_dtype(save_dtype))
     write_shards(plans, folder, metadata={"upstack_merge": "lora-adapter"}, progress=cfg.progress,
@@ -168,6 +169,25 @@ def _save_adapter_output(run: Run, peft, folder, save_dtype: str, state_dict) ->
     config = dict(base.config)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _write_config_dtype(folder / "config.json", save_dtype)
+
+
+def release_weights(model) -> None:
+    """Free a model's weights and gradients (their tensors become empty) and hand the freed heap back to
+    the system, so that what runs next (the adapter merge) does not add its memory to the training peak.
+    The model is unusable afterwards."""
+    import ctypes
+    import gc
+
+    import torch
+
+    for p in model.parameters():
+        p.grad = None
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    gc.collect()
+    try:  # glibc keeps freed blocks in its arenas; malloc_trim returns them (Linux only)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _point_adapter_at_base(adapter_dir, model: str) -> None:

@@ -121,8 +121,12 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def master_dtype(cfg: TrainConfig) -> str:
-    """The dtype the weights are loaded and trained in: fp32 master weights unless dtype == 'bf16'."""
-    return "bfloat16" if cfg.dtype == "bf16" else "float32"
+    """The dtype the weights are loaded in: fp32 master weights unless dtype == 'bf16'. With --lora under
+    bf16-mixed the base is frozen, so it needs no fp32 master copy: it is held in bf16 (what it computes in
+    under autocast anyway) and only the trained adapters keep fp32 weights (train/lora.apply_lora)."""
+    if cfg.dtype == "bf16" or (cfg.dtype == "bf16-mixed" and (cfg.lora or cfg.qlora)):
+        return "bfloat16"
+    return "float32"
 
 
 def data_specs(items: DataList, where: str = "data") -> list:

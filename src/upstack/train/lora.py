@@ -154,6 +154,13 @@ def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     with warnings.catch_warnings():  # PEFT calls a transformers API that warns about its own deprecation
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, lc)
+    from upstack.train.dropout import tune_lora_layers
+
+    tune_lora_layers(model, autocast=cfg.dtype == "bf16-mixed")
+    if cfg.dtype == "bf16-mixed":  # master weights of what is trained stay fp32 (modules_to_save too)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info = {"train_layers": layers if layers is not None else "all", "trainable": trainable, "total": total,
             "lora": {"r": cfg.lora_r, "alpha": lora_alpha(cfg), "dropout": cfg.lora_dropout,

@@ -6,7 +6,8 @@ The formula (bytes; P parameters, L_lin of them in the decoder layers' linear mo
 parameters, w the bytes of a master weight: 4 for fp32 and bf16-mixed, 2 for bf16):
 
     full    weights P w + gradients P w + AdamW moments 2 P w
-    lora    base weights P w (frozen) + adapters (fp32 weights, gradients, two moments) 16 A
+    lora    base weights P b (frozen; b = 2 under bf16 and bf16-mixed, whose frozen base needs no fp32
+            master copy, 4 under fp32) + adapters (fp32 weights, gradients, two moments) 16 A
     qlora   linear weights in NF4 with double quantization 0.516 L_lin + the other weights in fp32
             4 (P - L_lin) (PEFT's k-bit preparation) + 16 A
     activations, per process: tokens x layers x (6 h + 2 kv + 4 i) x a_bytes (a_bytes: 4 for fp32, 2 for
@@ -115,7 +116,7 @@ def memory_plan(config: dict, *, stage: str, batch_size: int, max_length: int, d
     ref = p * w if stage == "dpo" and not precompute_ref else 0
     states = {
         "full": {"weights": p * w + ref, "gradients": p * w, "optimizer": 2 * p * w},
-        "lora": {"weights": p * w + 4 * a, "gradients": 4 * a, "optimizer": 8 * a},
+        "lora": {"weights": p * (4 if dtype == "fp32" else 2) + 4 * a, "gradients": 4 * a, "optimizer": 8 * a},
         "qlora": {"weights": int(NF4_BYTES * lin) + 4 * (p - lin) + 4 * a, "gradients": 4 * a, "optimizer": 8 * a},
     }
     plan = {"parameters": p, "adapter_parameters": a, "tokens_per_micro_batch": tokens, "methods": {}}
