@@ -240,3 +240,38 @@ def test_configs_fill_from_recipe_mappings():
     assert c.method == "min-k" and c.num_neighbours == 100
     d = config_from_dict(DecontaminateConfig, {"data": "x", "against": ["b"], "out": "o", "fields": ["text"]}, "d")
     assert d.ngram == 13
+
+
+def test_unreachable_hub_fails_a_hub_task_at_once(tiny_model, capsys, monkeypatch):
+    """HF_HUB_OFFLINE unset but the Hub unreachable: the datasets library is switched to its cache at once
+    (it would otherwise retry for ~25 s) and the error says the Hub cannot be reached."""
+    import datasets
+
+    import upstack.evaluate.bridge as bridge
+
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(bridge, "hub_reachable", lambda: False)
+    err = _err(capsys, ["eval", tiny_model, "--tasks", "hellaswag", "--limit", "1"])
+    assert "the Hub (huggingface.co) cannot be reached" in err and "--tasks hellaswag_local --data-dir" in err
+    assert datasets.config.HF_HUB_OFFLINE is True
+
+
+def test_hub_reachable_probes_the_endpoint(monkeypatch):
+    import socket
+
+    from upstack import hub
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setattr(hub, "_REACHABLE", {})
+        assert hub.hub_reachable()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    assert not hub.hub_reachable(timeout=1.0)

@@ -14,6 +14,42 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub (HF_ENDPOINT, default huggingface.co:443) opens within `timeout`
+    seconds; asked once per process. Libraries that find the Hub unreachable retry for tens of seconds
+    before they fail, so callers check this first and fail (or use the cache) at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _REACHABLE:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        port = url.port or (80 if url.scheme == "http" else 443)
+        try:
+            socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+            _REACHABLE[endpoint] = True
+        except OSError:
+            _REACHABLE[endpoint] = False
+    return _REACHABLE[endpoint]
+
+
+def go_offline() -> None:
+    """Make the Hugging Face libraries already imported behave as under HF_HUB_OFFLINE=1 (cache only, no
+    retries), and any imported later: for a process that found the Hub unreachable."""
+    import sys
+
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[v] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+
+
 def offline_reason() -> str:
     """Which variable made us offline, for messages."""
     on = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]

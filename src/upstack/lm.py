@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,17 @@ def model_max_positions(model: Any) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # Loading
+
+def cpu_only_launch() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without an accelerator: accelerate
+    must be told to use CPU processes with gloo (it would otherwise run each as a single process)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has = getattr(torch, "accelerator", None)
+    return not (has.is_available() if has is not None else torch.cuda.is_available())
+
 
 def resolve_device(device: str | None) -> str:
     if device:

@@ -13,6 +13,7 @@ from upstack.checkpoint.adapter import (
     ADAPTER_WEIGHTS,
     Adapter,
     adapter_summary,
+    merge_threads,
     open_adapter,
     plan_adapter_merge,
 )
@@ -59,7 +60,7 @@ from upstack.checkpoint.writer import (
 )
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "adapter_summary", "open_adapter", "plan_adapter_merge",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "adapter_summary", "open_adapter", "merge_threads", "plan_adapter_merge",
     "AUX_FILE_PATTERNS", "DTYPE_ALIASES", "DTYPE_SIZES", "MAX_HEADER_BYTES", "TORCH_DTYPE_NAMES", "Checkpoint",
     "TensorBlockReader", "TensorPlan", "TensorRef", "assign_shards", "aux_files", "checked_file", "check_same_tokenizer_files",
     "cast_plan", "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",

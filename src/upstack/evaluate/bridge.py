@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from upstack.evaluate.tasks.registry import (
     PRESETS,
     known_task_names,
 )
-from upstack.hub import hub_offline
+from upstack.hub import go_offline, hub_offline, hub_reachable
 from upstack.lm import (
     DEFAULT_MAX_POSITIONS,
+    cpu_only_launch,
     max_positions,
     model_config,
     resolve_device,
@@ -41,14 +43,45 @@ def load_lm(cfg: EvalConfig):
         args["seed"] = cfg.seed
     args.update(cfg.model_args)
     device = None if cfg.backend == "vllm" else resolve_device(cfg.device)
+    if cfg.backend == "hf" and cpu_only_launch():  # lm-eval's Accelerator() then joins this CPU process group
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
     try:
-        return get_model(cfg.backend).create_from_arg_obj(
-            args, {"batch_size": cfg.batch_size, "max_batch_size": 64, "device": device})
+        return _data_parallel_on_cpu(get_model(cfg.backend).create_from_arg_obj(
+            args, {"batch_size": cfg.batch_size, "max_batch_size": 64, "device": device}))
     except UpstackError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load model {cfg.model}: {msg}") from e
+
+
+def _data_parallel_on_cpu(lm):
+    """lm-eval's HF model splits the requests across `accelerate launch` processes only when it counts
+    GPUs; on CPU processes it keeps the launch's Accelerator but leaves rank 0 of 1 in every process, so each
+    scored every document and returned results. Give it the launch's ranks: each process scores its share,
+    lm-eval gathers them on the main process, which alone returns results."""
+    acc = getattr(lm, "accelerator", None)
+    if acc is not None and acc.num_processes > 1 and lm.world_size == 1:
+        lm._rank, lm._world_size = acc.process_index, acc.num_processes
+    return lm
+
+
+def _fewshot_as_one_process(task) -> None:
+    """Under data parallelism lm-eval builds each process's share of the documents with the task's one
+    few-shot sampler, whose random draws then follow that share: document 2 gets the second draw on rank 0
+    of 2 and the third in one process, so scores change with the number of processes (lm-eval issue
+    #1719). Build every document's request as one process would, then keep this process's share (the
+    documents lm-eval would give it: doc_id = rank mod world size)."""
+    build = task.build_all_requests
+
+    def build_all_requests(*args, rank: int = 0, world_size: int = 1, **kwargs):
+        build(*args, rank=0, world_size=1, **kwargs)
+        if world_size > 1:
+            task._instances = [i for i in task._instances if i.doc_id % world_size == rank]
+
+    task.build_all_requests = build_all_requests
 
 
 def task_manager(tmp: Path, names: list[str]):
@@ -85,6 +118,10 @@ def task_manager(tmp: Path, names: list[str]):
 def load_tasks(tm, names: list[str]):
     """[top-level Task/Group objects] and {leaf task name: Task} for `names`; data loading errors explained."""
     top, leaves = [], {}
+    unreachable = False
+    if any(n not in LOCAL_TASKS and n not in PRESETS for n in names) and not hub_offline() and not hub_reachable():
+        go_offline()  # the datasets library would retry the Hub for ~25 s before failing: use the cache alone
+        unreachable = True
     for name in names:
         try:
             loaded = tm.load([name])
@@ -95,6 +132,9 @@ def load_tasks(tm, names: list[str]):
             alt = (f"; score the local copy instead: --tasks {local} --data-dir DIR (layout in docs/evaluation.md)"
                    if local else "; local tasks: " + ", ".join(LOCAL_TASKS))
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if unreachable:
+                raise DataError(f"task {name}: its data are not in the local Hugging Face cache and the Hub "
+                                f"({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) cannot be reached{alt}") from e
             if hub_offline():
                 raise DataError(f"task {name}: its data are not in the local Hugging Face cache and we are offline "
                                 f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set; {why[:200]}){alt}") from e
@@ -197,6 +237,9 @@ def run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
                    or DEFAULT_MAX_POSITIONS)
             budget = min(256, max(16, ctx // 4))
         gen_kwargs = {"max_gen_toks": budget}
+    if getattr(lm, "world_size", 1) > 1:
+        for task in _leaf_tasks(top):
+            _fewshot_as_one_process(task)
     res = lm_eval.simple_evaluate(
         model=lm, tasks=top, num_fewshot=None, limit=cfg.limit, task_manager=tm, gen_kwargs=gen_kwargs,
         log_samples=cfg.log_samples, apply_chat_template=cfg.apply_chat_template, random_seed=cfg.seed,

@@ -17,6 +17,7 @@ import dataclasses
 import datetime as _dt
 import importlib.util
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         lm = _run_tasks(cfg, names, out)
         if out.get("_not_main"):
             return {}
+    if int(os.environ.get("RANK", "0")) != 0:  # launched, files only: the main process scores and writes
+        return {}
     _score_files(cfg, lm, out)
     out["h6"] = h6_score(out["results"])
     out["versions"] = versions()
@@ -125,6 +128,7 @@ def _run_tasks(cfg: EvalConfig, names: list[str], out: dict):
             task.set_config(key="num_fewshot", value=shots)
         lm = load_lm(cfg)
         out.update(run_harness(cfg, lm, tm, top, names))
+        out["processes"] = getattr(lm, "world_size", 1)  # > 1: the documents were split across processes
     if not out.get("_not_main") and TRUNCATIONS.count > 1:
         log.warning("%d prompts were longer than the model's context and were truncated from the left "
                     "(fewer few-shot examples with --num-fewshot, or a longer --max-length if the model allows)",

@@ -16,6 +16,7 @@ from upstack.checkpoint import (
     adapter_summary,
     assign_shards,
     check_surgery_output,
+    merge_threads,
     model_card_front_matter,
     normalize_dtype,
     open_adapter,
@@ -89,11 +90,12 @@ def merge_adapter(cfg: MergeAdapterConfig) -> dict:
     provenance = dict(_read_provenance(base.folder))
     provenance["merge_adapter"] = {"base": str(cfg.base), "adapter": str(cfg.adapter), **summary,
                                    "upstack_version": __version__}
-    write_surgery_output(
-        plans, out, config=config, provenance=provenance, model_card=_model_card(cfg, summary, base.config),
-        aux_from=base.folder, shard_size=shard_size, overwrite=cfg.overwrite,
-        metadata={"upstack_merge": "lora-adapter"}, progress=not cfg.quiet,
-    )
+    with merge_threads():
+        write_surgery_output(
+            plans, out, config=config, provenance=provenance, model_card=_model_card(cfg, summary, base.config),
+            aux_from=base.folder, shard_size=shard_size, overwrite=cfg.overwrite,
+            metadata={"upstack_merge": "lora-adapter"}, progress=not cfg.quiet,
+        )
     return report
 
 

@@ -9,6 +9,7 @@ import shutil
 from upstack.checkpoint import (
     TORCH_DTYPE_NAMES,
     copy_aux_files,
+    merge_threads,
     normalize_dtype,
     open_adapter,
     open_checkpoint,
@@ -163,8 +164,9 @@ def _save_adapter_output(run: Run, peft, folder, save_dtype: str, state_dict) ->
     release_weights(peft)  # the merge reads the base from disk: the trained copy is not needed any more
     base = open_checkpoint(resolve_model_dir(cfg.model))
     plans = plan_adapter_merge(base, open_adapter(adapter_dir), cfg.model, normalize_dtype(save_dtype))
-    write_shards(plans, folder, metadata={"upstack_merge": "lora-adapter"}, progress=cfg.progress,
-                 label=str(run.out))
+    with merge_threads():
+        write_shards(plans, folder, metadata={"upstack_merge": "lora-adapter"}, progress=cfg.progress,
+                     label=str(run.out))
     copy_aux_files(base.folder, folder)
     config = dict(base.config)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

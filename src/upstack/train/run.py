@@ -22,7 +22,7 @@ from typing import Any, Optional
 from upstack.config import config_to_dict
 from upstack.data.sources import resolve_files
 from upstack.errors import CheckpointError, ConfigError, OutputExistsError, UpstackError
-from upstack.lm import check_model_path
+from upstack.lm import check_model_path, cpu_only_launch
 from upstack.outputs import check_output_free, file_identity, output_lock
 from upstack.train.config import TrainConfig, train_and_eval_specs
 from upstack.train.layers import check_train_layers
@@ -205,17 +205,6 @@ def list_checkpoints(work: Path) -> list[tuple[int, Path]]:
 # ------------------------------------------------------------------------------------------------
 # Start and end
 
-def _cpu_only_launch() -> bool:
-    """Several processes (torchrun / accelerate launch) on a machine without an accelerator: tell
-    accelerate to use CPU processes with gloo (it would otherwise fall back to a single process)."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    has = getattr(torch, "accelerator", None)
-    return not (has.is_available() if has is not None else torch.cuda.is_available())
-
-
 def _sharding_of(acc, fsdp: bool) -> str:
     from accelerate.utils import DistributedType
 
@@ -233,7 +222,7 @@ def _make_accelerator(cfg: TrainConfig):
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown the progress
     mixed = "bf16" if cfg.dtype == "bf16-mixed" else "no"
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_only_launch())
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=cpu_only_launch())
 
 
 def _check_accumulation(run: Run) -> None:
