@@ -65,3 +65,31 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, stage):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
     if stage == "dpo":
         assert c1[-1]["rewards/margin"] == pytest.approx(c2[-1]["rewards/margin"], rel=1e-3, abs=1e-4)
+
+
+def test_a_work_folder_not_every_process_sees_is_refused(tmp_path):
+    """Process 1 of 2 cannot read the run.json process 0 wrote (OUT on a node-local disk of another node):
+    one ConfigError naming the folder and the process, before any step; a shared folder passes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from upstack.errors import ConfigError
+    from upstack.train.run import check_shared_work_dir
+
+    def fake_run(work, rank):
+        # gather: process 0 (which wrote the file) reports 0, this process its own flag
+        return SimpleNamespace(world=2, rank=rank, work=work, accelerator=SimpleNamespace(
+            device="cpu", gather=lambda t: torch.cat([torch.tensor([0]), t])))
+
+    text = '{"stage": "sft"}\n'
+    elsewhere = tmp_path / "node1-local" / "out.work"        # what process 1 sees: no run.json
+    with pytest.raises(ConfigError, match=r"not on storage every process sees \(process\(es\) 1 cannot read"):
+        check_shared_work_dir(fake_run(elsewhere, 1), text)
+    shared = tmp_path / "shared" / "out.work"
+    shared.mkdir(parents=True)
+    (shared / "run.json").write_text(text)
+    check_shared_work_dir(fake_run(shared, 1), text)        # the same file: passes
+    (shared / "run.json").write_text('{"stage": "dpo"}\n')   # a stale run.json of another run: refused
+    with pytest.raises(ConfigError):
+        check_shared_work_dir(fake_run(shared, 1), text)

@@ -2,6 +2,7 @@
 `--dry-run --gpu-memory` on the command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,20 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert main(["dpo", str(model), "--data", "x.jsonl", "--out", str(out), "--gpu-memory", "24GB"]) == 2
     assert "--gpu-memory goes with --dry-run" in capsys.readouterr().err
     assert main(["sft", str(model), "--data", "x.jsonl", "--out", str(out), "--dry-run", "--lr", "-1"]) == 2
+
+
+def test_peak_rss_counts_from_the_stage_start():
+    """In a recipe every stage runs in one process: after reset_peak_rss a stage reports its own peak, not
+    the highest of the stages before it (Linux resets VmHWM through /proc/self/clear_refs)."""
+    from upstack.train.metrics import peak_rss_mb, reset_peak_rss
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    before = peak_rss_mb()
+    block = bytearray(300 << 20)
+    block[::4096] = b"x" * len(block[::4096])      # touch every page: 300 MB resident
+    high = peak_rss_mb()
+    assert high >= before + 250
+    del block
+    reset_peak_rss()
+    assert peak_rss_mb() < high - 250

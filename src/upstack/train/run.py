@@ -26,7 +26,7 @@ from upstack.lm import check_model_path, cpu_only_launch
 from upstack.outputs import check_output_free, file_identity, output_lock
 from upstack.train.config import TrainConfig, train_and_eval_specs
 from upstack.train.layers import check_train_layers
-from upstack.train.metrics import MetricsLog, report_to_names
+from upstack.train.metrics import MetricsLog, report_to_names, reset_peak_rss
 
 log = logging.getLogger("upstack.train")
 
@@ -285,13 +285,36 @@ def _find_resume_point(run: Run) -> None:
         run.log(f"{work} has no checkpoint yet; starting from the beginning")
 
 
+def check_shared_work_dir(run: Run, text: str) -> None:
+    """Several processes: every one must read the run.json the main process just wrote into the work
+    folder, or checkpoints saved by one process would be missing for another at --resume (a multi-node run
+    with OUT on a node-local disk). Refused in one line before any training step."""
+    if run.world <= 1:
+        return
+    import torch
+
+    p = run.work / "run.json"
+    try:
+        ok = p.is_file() and p.read_text() == text
+    except OSError:
+        ok = False
+    flags = run.accelerator.gather(torch.tensor([0 if ok else run.rank + 1], device=run.accelerator.device))
+    blind = sorted(int(f) - 1 for f in flags.reshape(-1).tolist() if f)
+    if blind:
+        raise ConfigError(f"the work folder {run.work} is not on storage every process sees (process(es) "
+                          f"{', '.join(map(str, blind))} cannot read the run.json process 0 wrote there): put --out "
+                          "on shared storage (NFS, Lustre, a cluster file system) for a multi-node run")
+
+
 def _open_work_dir(run: Run, identity: dict) -> None:
     """Create the work folder with this run's run.json, and open its metrics log."""
     run.accelerator.wait_for_everyone()
+    text = json.dumps(identity, indent=2, default=str) + "\n"
     if run.is_main:
         run.work.mkdir(parents=True, exist_ok=True)
-        (run.work / "run.json").write_text(json.dumps(identity, indent=2, default=str) + "\n")
+        (run.work / "run.json").write_text(text)
     run.accelerator.wait_for_everyone()
+    check_shared_work_dir(run, text)
     names = report_to_names(run.cfg.report_to)
     run.metrics = MetricsLog(run.work, run.is_main, run.cfg.tensorboard and "tensorboard" in names,
                              run.state.get("step") if run.resume_from else None,
@@ -313,6 +336,7 @@ def start_run(cfg: TrainConfig, stage: str) -> Run:
     from upstack.train.sharding import check_fsdp
 
     fsdp = check_fsdp(cfg)  # an FSDP launch that cannot shard is refused here, before any work
+    reset_peak_rss()  # the stage's summary reports this stage's peak memory
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
     check_model_path(cfg.model)
