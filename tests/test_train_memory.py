@@ -126,7 +126,8 @@ def test_peak_rss_counts_from_the_stage_start():
 
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("no /proc/self/clear_refs (not Linux)")
-    before = peak_rss_mb()
+    reset_peak_rss()
+    before = peak_rss_mb()    # the current RSS: the peak starts again here
     block = bytearray(300 << 20)
     block[::4096] = b"x" * len(block[::4096])      # touch every page: 300 MB resident
     high = peak_rss_mb()

@@ -21,6 +21,7 @@ from upstack.config import config_to_dict
 from upstack.lm import read_upstack_json
 from upstack.outputs import atomic_output_dir, disk_full_error, is_disk_full
 from upstack.train.lora import ADAPTER_DIR, peft_model_of
+from upstack.train.metrics import trim_heap
 from upstack.train.run import Run, list_checkpoints
 from upstack.train.sharding import full_state_dict, load_sharded, save_sharded
 
@@ -177,19 +178,12 @@ def release_weights(model) -> None:
     """Free a model's weights and gradients (their tensors become empty) and hand the freed heap back to
     the system, so that what runs next (the adapter merge) does not add its memory to the training peak.
     The model is unusable afterwards."""
-    import ctypes
-    import gc
-
     import torch
 
     for p in model.parameters():
         p.grad = None
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    gc.collect()
-    try:  # glibc keeps freed blocks in its arenas; malloc_trim returns them (Linux only)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def _point_adapter_at_base(adapter_dir, model: str) -> None:

@@ -139,11 +139,9 @@ def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     targets, layers = target_modules(model, cfg, model_dir)
     to_save = _names(cfg.lora_modules_to_save)
     _check_modules_to_save(model, to_save)
-    if cfg.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    # No peft.prepare_model_for_kbit_training for QLoRA: it would cast every frozen bf16 weight the 4-bit
+    # quantization left (embeddings, head, norms) up to fp32 -- twice their memory, for weights that never
+    # change -- and enable gradient checkpointing, which train/model.py does for every run.
     for p in model.parameters():
         p.requires_grad_(False)
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,

@@ -8,8 +8,8 @@ parameters, w the bytes of a master weight: 4 for fp32 and bf16-mixed, 2 for bf1
     full    weights P w + gradients P w + AdamW moments 2 P w
     lora    base weights P b (frozen; b = 2 under bf16 and bf16-mixed, whose frozen base needs no fp32
             master copy, 4 under fp32) + adapters (fp32 weights, gradients, two moments) 16 A
-    qlora   linear weights in NF4 with double quantization 0.516 L_lin + the other weights in fp32
-            4 (P - L_lin) (PEFT's k-bit preparation) + 16 A
+    qlora   linear weights in NF4 with double quantization 0.516 L_lin + the other (frozen) weights in
+            bf16 2 (P - L_lin) + 16 A
     activations, per process: tokens x layers x (6 h + 2 kv + 4 i) x a_bytes (a_bytes: 4 for fp32, 2 for
             bf16 and bf16-mixed; h hidden, kv key/value width, i MLP width; with gradient checkpointing
             tokens x layers x h + one layer's worth); + attention scores 2 x heads x length per token and
@@ -117,7 +117,7 @@ def memory_plan(config: dict, *, stage: str, batch_size: int, max_length: int, d
     states = {
         "full": {"weights": p * w + ref, "gradients": p * w, "optimizer": 2 * p * w},
         "lora": {"weights": p * (4 if dtype == "fp32" else 2) + 4 * a, "gradients": 4 * a, "optimizer": 8 * a},
-        "qlora": {"weights": int(NF4_BYTES * lin) + 4 * (p - lin) + 4 * a, "gradients": 4 * a, "optimizer": 8 * a},
+        "qlora": {"weights": int(NF4_BYTES * lin) + 2 * (p - lin) + 4 * a, "gradients": 4 * a, "optimizer": 8 * a},
     }
     plan = {"parameters": p, "adapter_parameters": a, "tokens_per_micro_batch": tokens, "methods": {}}
     for method, parts in states.items():

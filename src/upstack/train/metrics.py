@@ -160,6 +160,20 @@ def add_perplexity(metrics: dict, prefix: str) -> dict:
     return {f"{prefix}perplexity": math.exp(min(loss, 50.0))} if loss is not None else {}
 
 
+def trim_heap() -> None:
+    """Collect garbage and hand the heap glibc keeps from freed blocks back to the system (Linux; elsewhere
+    only the collection): after loading or quantizing a model, whose temporaries would otherwise stay
+    counted in the process's memory for the whole run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> None:
     """Start a new peak-memory count for this stage: Linux (4.0 and later) resets the process's peak RSS
     (VmHWM) to its current RSS when 5 is written to /proc/self/clear_refs. In a recipe, where every stage

@@ -14,6 +14,7 @@ from upstack.lm import (
 from upstack.train.config import TrainConfig, master_dtype
 from upstack.train.layers import freeze_for_training
 from upstack.train.lora import apply_lora, lora_enabled, quantization_config
+from upstack.train.metrics import trim_heap
 from upstack.train.run import Run
 
 
@@ -28,6 +29,8 @@ def load_training_model(cfg: TrainConfig, max_token_id: int) -> tuple:
             raise CheckpointError(f"--qlora: {e} (bitsandbytes could not quantize the model on this device; "
                                   "--lora trains the same adapters on the full-precision base)") from None
         raise
+    if cfg.qlora:
+        trim_heap()  # the quantization's bf16 temporaries, freed but still held by the allocator
     input_dtype = checkpoint_dtype(cfg.model)
     check_token_ids(model, max_token_id)
     return model, input_dtype
