@@ -69,3 +69,28 @@ def test_two_processes_give_the_one_process_scores(tmp_path):
             assert [r[0] for r in s2[key]] == pytest.approx([r[0] for r in resp], abs=1e-4), key
         else:
             assert s2[key] == resp, key
+
+
+def test_a_task_with_fewer_documents_than_processes_is_scored_whole(tmp_path):
+    """One document, two processes: lm-eval cannot give a process an empty share, so each process scores the
+    whole task, the main process alone writes, and the result equals one process's (`processes: 1`)."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data samples not found at {SHARED_DATA} (set UPSTACK_SHARED_DATA)")
+    model = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2, vocab_size=260)
+    args = ["eval", str(model), "--tasks", "arc_challenge_local", "--data-dir", str(SHARED_DATA), "--limit", "1",
+            "--num-fewshot", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    two, one = tmp_path / "two.json", tmp_path / "one.json"
+    p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        "-m", "upstack.cli", *args, "--output", str(two)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "upstack.cli", *args, "--output", str(one)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r2, r1 = json.loads(two.read_text()), json.loads(one.read_text())
+    assert r2["processes"] == 1 and r2["n_samples"] == r1["n_samples"]
+    assert r2["results"] == r1["results"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,14 @@ def _data_parallel_on_cpu(lm):
     if acc is not None and acc.num_processes > 1 and lm.world_size == 1:
         lm._rank, lm._world_size = acc.process_index, acc.num_processes
     return lm
+
+
+def _scored_docs(task, limit) -> int:
+    """How many documents of `task` lm-eval scores under `limit` (its own rule: a count, or a fraction < 1)."""
+    n = len(task.eval_docs)
+    if limit is None:
+        return n
+    return min(n, int(math.ceil(n * limit)) if limit < 1.0 else int(limit))
 
 
 def _fewshot_as_one_process(task) -> None:
@@ -237,14 +246,22 @@ def run_harness(cfg: EvalConfig, lm, tm, top: list, names: list[str]) -> dict:
                    or DEFAULT_MAX_POSITIONS)
             budget = min(256, max(16, ctx // 4))
         gen_kwargs = {"max_gen_toks": budget}
+    scores_alone = False  # this process scores everything, but is not the one that reports
     if getattr(lm, "world_size", 1) > 1:
-        for task in _leaf_tasks(top):
-            _fewshot_as_one_process(task)
+        leaves = _leaf_tasks(top)
+        if min(_scored_docs(t, cfg.limit) for t in leaves) < lm.world_size:
+            # a process would get no document of some task, which lm-eval cannot handle: every process
+            # scores everything as one process would (the same numbers) and the main one alone reports
+            scores_alone = lm.rank != 0
+            lm._rank, lm._world_size = 0, 1
+        else:
+            for task in leaves:
+                _fewshot_as_one_process(task)
     res = lm_eval.simple_evaluate(
         model=lm, tasks=top, num_fewshot=None, limit=cfg.limit, task_manager=tm, gen_kwargs=gen_kwargs,
         log_samples=cfg.log_samples, apply_chat_template=cfg.apply_chat_template, random_seed=cfg.seed,
         numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
-    if res is None:  # not the main process under accelerate launch
+    if res is None or scores_alone:  # not the main process under accelerate launch
         return {"_not_main": True}
     out = convert_results(res, names)
     if cfg.log_samples:
