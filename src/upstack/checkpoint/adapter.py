@@ -17,7 +17,6 @@ import json
 import math
 import queue
 import re
-import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,39 +44,19 @@ BLOCK_ELEMS = 1 << 20   # fp32 elements computed at once: W + s B A and the cast
 AHEAD = 1               # chunks computed ahead of the writer, in a background thread
 
 
-_THREADS: dict = {"leave_one": False, "prev": None}
-
-
 @contextmanager
 def merge_threads():
     """While a merge is written: torch computes in all cores but one, which is left to the writer (its
     copies into the page cache). With every core, OpenMP's workers spin between the many small per-block
-    operations and take the writer's core: the 4 GB bench took 6.3-6.7 s that way, 3.8-4.2 s with this.
-    torch is imported in the background meanwhile, so its import (about 1 s) overlaps the writer's first
-    tensors (header, embeddings) instead of coming before them."""
-    import importlib
+    operations and take the writer's core: the 4 GB bench took 6.3-6.7 s that way, 3.8-4.2 s with this."""
+    import torch
 
-    _THREADS["leave_one"] = True
-    if "torch" not in sys.modules:
-        threading.Thread(target=importlib.import_module, args=("torch",), name="import-torch", daemon=True).start()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, prev - 1))
     try:
         yield
     finally:
-        _THREADS["leave_one"] = False
-        if _THREADS["prev"] is not None:
-            import torch
-
-            torch.set_num_threads(_THREADS["prev"])
-            _THREADS["prev"] = None
-
-
-def _leave_a_core() -> None:
-    """In the merge's compute thread: the thread count merge_threads asks for, set once per merge."""
-    import torch
-
-    if _THREADS["leave_one"] and _THREADS["prev"] is None:
-        _THREADS["prev"] = torch.get_num_threads()
-        torch.set_num_threads(max(1, _THREADS["prev"] - 1))
+        torch.set_num_threads(prev)
 
 
 class _Buffers:
@@ -274,7 +253,6 @@ def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out
     def _merged_chunks():
         import torch
 
-        _leave_a_core()
         a = load_tensor(mod.a).float()
         b = load_tensor(mod.b).float()
         out_dt = getattr(torch, TORCH_DTYPE_NAMES[dtype])
