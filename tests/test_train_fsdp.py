@@ -92,7 +92,7 @@ def assert_same_curve(a, b):
 
 def assert_sharded_start(out):
     _, start = records(out)
-    assert start["sharding"] == "fsdp" and start["processes"] == 2
+    assert start["sharding"] == "fsdp" and start["processes"] == 2 and start["weights_from_rank0"] is True
     assert 0.4 * start["total"] < start["params_local"] < 0.6 * start["total"], start
 
 

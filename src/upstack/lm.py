@@ -187,6 +187,26 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None, att
     return model.to(device) if device else model
 
 
+def load_model_skeleton(path: str, *, dtype: str = "auto", attn_implementation: str | None = None):
+    """The model of `path`'s config with its parameters on the meta device (no memory, no weights read) and
+    its buffers real (rotary tables, which no checkpoint holds): for the processes of a sharded run that
+    receive their weights from process 0 after sharding."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        raise CheckpointError(f"cannot build model {path}: {_first_line(e)}") from None
+    model.tie_weights()  # from_config leaves tied embeddings untied; from_pretrained ties them
+    return model
+
+
 def load_for_inference(path: str, *, device: str | None = None, dtype: str = "auto", what: str = "model",
                        allow_pickle: bool = False):
     """(model, tokenizer) in eval mode on `device` (default: cuda when available), after the path check

@@ -228,7 +228,7 @@ def dpo(cfg: DPOConfig) -> dict:
 
         data = load_chat_data(run, specs, eval_specs, load_dpo_rows, encode_pairs, check)
         enc, pairs, eval_enc, eval_pairs, stats = data.enc, data.items, data.eval_enc, data.eval_items, data.stats
-        model, input_dtype = load_training_model(cfg, data.max_token_id())
+        model, input_dtype = load_training_model(cfg, data.max_token_id(), run)
         model, layers = trainable_model(model, cfg)
         disable_dropout(model)  # after the adapters are in place: LoRA's dropout too
         pad_id = pad_token_id(data.tokenizer)

@@ -8,6 +8,7 @@ from upstack.lm import (
     checkpoint_dtype,
     forward_scored,
     load_model,
+    load_model_skeleton,
     loss_chunk_positions,
     token_nll,
 )
@@ -18,9 +19,17 @@ from upstack.train.metrics import trim_heap
 from upstack.train.run import Run
 
 
-def load_training_model(cfg: TrainConfig, max_token_id: int) -> tuple:
+def load_training_model(cfg: TrainConfig, max_token_id: int, run: Run | None = None) -> tuple:
     """(model in its master dtype, the checkpoint's own dtype name): the model --model names, checked to
-    cover the data's largest token id; with --qlora its linear weights are quantized to 4-bit NF4 on load."""
+    cover the data's largest token id; with --qlora its linear weights are quantized to 4-bit NF4 on load.
+    Under FSDP only process 0 reads the weights: the others build the model on the meta device and receive
+    their shards from it once the model is sharded (prepare_model), so a node's host memory holds one copy
+    of the checkpoint, not one per process."""
+    if run is not None and _weights_from_rank0(run) and not run.is_main:
+        model = load_model_skeleton(cfg.model, dtype=master_dtype(cfg),
+                                    attn_implementation=cfg.attn_implementation)
+        check_token_ids(model, max_token_id)
+        return model, checkpoint_dtype(cfg.model)
     try:
         model = load_model(cfg.model, dtype=master_dtype(cfg), attn_implementation=cfg.attn_implementation,
                            quantization_config=quantization_config(cfg))
@@ -34,6 +43,26 @@ def load_training_model(cfg: TrainConfig, max_token_id: int) -> tuple:
     input_dtype = checkpoint_dtype(cfg.model)
     check_token_ids(model, max_token_id)
     return model, input_dtype
+
+
+def _weights_from_rank0(run: Run) -> bool:
+    return run.sharding == "fsdp" and run.world > 1
+
+
+def _materialize_from_rank0(model, full_state: dict | None, device) -> None:
+    """After sharding: parameters still on the meta device get real (empty) storage, buffers keep their
+    values, then process 0's full state dict is broadcast into every process's shards. Collective."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(value)
+    set_model_state_dict(model, full_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def trainable_model(model, cfg: TrainConfig) -> tuple:
@@ -85,10 +114,16 @@ def prepare_model(run: Run, model):
     if run.sharding == "fsdp":
         from upstack.train.sharding import local_numel, shard_model
 
+        from_rank0 = _weights_from_rank0(run)
+        full_state = model.state_dict() if from_rank0 and run.is_main else None
         model = shard_model(model, run.accelerator.device)
+        if from_rank0:
+            _materialize_from_rank0(model, full_state, run.accelerator.device)
+            del full_state
         optimizer = run.accelerator.prepare(build_optimizer(cfg, model))  # steps only on sync micro-batches
         run.model, run.optimizer = model, optimizer
-        run.info.update({"sharding": "fsdp", "processes": run.world, "params_local": local_numel(model)})
+        run.info.update({"sharding": "fsdp", "processes": run.world, "params_local": local_numel(model),
+                         "weights_from_rank0": from_rank0})
         return model, optimizer
     optimizer = build_optimizer(cfg, model)
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED:

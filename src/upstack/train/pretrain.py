@@ -237,7 +237,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 log.warning("eval_fraction: the corpus is a single block; no eval split")
             blocks, eval_blocks = held_out_split(n_blocks, cfg.eval_fraction, cfg.seed, keep_one=True)
 
-        model, input_dtype = load_training_model(cfg, max(meta["max_id"], eval_meta["max_id"]))
+        model, input_dtype = load_training_model(cfg, max(meta["max_id"], eval_meta["max_id"]), run)
         reset = supports_packed_positions(model)
         if not reset and run.is_main:
             log.warning(f"{type(model).__name__} cannot stop attention at position restarts: documents packed "

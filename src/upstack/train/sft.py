@@ -94,7 +94,7 @@ def sft(cfg: SFTConfig) -> dict:
 
         data = load_chat_data(run, specs, eval_specs, load_sft_rows, _encode, check)
         enc, keep, eval_enc, eval_keep = data.enc, data.items, data.eval_enc, data.eval_items
-        model, input_dtype = load_training_model(cfg, data.max_token_id())
+        model, input_dtype = load_training_model(cfg, data.max_token_id(), run)
         supported = supports_packed_positions(model)
         packing = supported if cfg.packing is None else cfg.packing
         if packing and not supported:
