@@ -34,7 +34,6 @@ from upstack.lm import (
     check_same_vocab,
     collate_segments,
     disable_dropout,
-    load_model,
     pad_token_id,
     scored_logps,
 )
@@ -49,7 +48,13 @@ from upstack.train.config import (
 from upstack.train.inputs import load_chat_data
 from upstack.train.loop import Task, train_loop
 from upstack.train.lora import AdapterDisabled, lora_enabled
-from upstack.train.model import load_training_model, prepare_model, trainable_model
+from upstack.train.model import (
+    load_on_rank0,
+    load_training_model,
+    prepare_model,
+    shard_from_rank0,
+    trainable_model,
+)
 from upstack.train.run import Run, identity_key, seed_everything, start_run
 from upstack.train.schedule import (
     EpochOrder,
@@ -135,9 +140,7 @@ def _prepare_reference(run: Run, ref):
     ref.requires_grad_(False)
     disable_dropout(ref)
     if run.sharding == "fsdp":
-        from upstack.train.sharding import shard_model
-
-        return shard_model(ref, run.accelerator.device)
+        return shard_from_rank0(run, ref)
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
         from trl.models import prepare_deepspeed
 
@@ -148,8 +151,7 @@ def _prepare_reference(run: Run, ref):
 def _load_reference(run: Run, ref_path: str):
     """The reference model, in the policy's master dtype, prepared for scoring."""
     cfg = run.cfg
-    return _prepare_reference(run, load_model(ref_path, dtype=master_dtype(cfg),
-                                              attn_implementation=cfg.attn_implementation))
+    return _prepare_reference(run, load_on_rank0(run, ref_path, master_dtype(cfg), cfg.attn_implementation))
 
 
 def score_pairs(run: Run, model, pair_ids: list[int], collate):

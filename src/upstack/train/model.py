@@ -25,7 +25,7 @@ def load_training_model(cfg: TrainConfig, max_token_id: int, run: Run | None = N
     Under FSDP only process 0 reads the weights: the others build the model on the meta device and receive
     their shards from it once the model is sharded (prepare_model), so a node's host memory holds one copy
     of the checkpoint, not one per process."""
-    if run is not None and _weights_from_rank0(run) and not run.is_main:
+    if run is not None and weights_from_rank0(run) and not run.is_main:
         model = load_model_skeleton(cfg.model, dtype=master_dtype(cfg),
                                     attn_implementation=cfg.attn_implementation)
         check_token_ids(model, max_token_id)
@@ -45,15 +45,40 @@ def load_training_model(cfg: TrainConfig, max_token_id: int, run: Run | None = N
     return model, input_dtype
 
 
-def _weights_from_rank0(run: Run) -> bool:
+def weights_from_rank0(run: Run) -> bool:
+    """Under FSDP with several processes only process 0 reads a checkpoint (see load_training_model)."""
     return run.sharding == "fsdp" and run.world > 1
+
+
+def load_on_rank0(run: Run, path: str, dtype: str, attn_implementation=None):
+    """A checkpoint's model: read by process 0; on the meta device elsewhere when weights_from_rank0 (the
+    weights arrive with shard_from_rank0); read by every process otherwise."""
+    if weights_from_rank0(run) and not run.is_main:
+        return load_model_skeleton(path, dtype=dtype, attn_implementation=attn_implementation)
+    return load_model(path, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def shard_from_rank0(run: Run, model):
+    """fully_shard the model (train/sharding.py); when weights_from_rank0, then fill every process's shards
+    from process 0's weights. Collective."""
+    from upstack.train.sharding import shard_model
+
+    if not weights_from_rank0(run):
+        return shard_model(model, run.accelerator.device)
+    full_state = model.state_dict() if run.is_main else None
+    model = shard_model(model, run.accelerator.device)
+    _materialize_from_rank0(model, full_state, run.accelerator.device)
+    return model
 
 
 def _materialize_from_rank0(model, full_state: dict | None, device) -> None:
     """After sharding: parameters still on the meta device get real (empty) storage, buffers keep their
     values, then process 0's full state dict is broadcast into every process's shards. Collective."""
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
 
     if any(p.device.type == "meta" for p in model.parameters()):
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -112,18 +137,13 @@ def prepare_model(run: Run, model):
         _enable_gradient_checkpointing(model)
     model.train()
     if run.sharding == "fsdp":
-        from upstack.train.sharding import local_numel, shard_model
+        from upstack.train.sharding import local_numel
 
-        from_rank0 = _weights_from_rank0(run)
-        full_state = model.state_dict() if from_rank0 and run.is_main else None
-        model = shard_model(model, run.accelerator.device)
-        if from_rank0:
-            _materialize_from_rank0(model, full_state, run.accelerator.device)
-            del full_state
+        model = shard_from_rank0(run, model)
         optimizer = run.accelerator.prepare(build_optimizer(cfg, model))  # steps only on sync micro-batches
         run.model, run.optimizer = model, optimizer
         run.info.update({"sharding": "fsdp", "processes": run.world, "params_local": local_numel(model),
-                         "weights_from_rank0": from_rank0})
+                         "weights_from_rank0": weights_from_rank0(run)})
         return model, optimizer
     optimizer = build_optimizer(cfg, model)
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
