@@ -27,10 +27,12 @@ def curve(out):
     return [r for r in recs if r["type"] == "train"], next(r for r in recs if r["type"] in ("start",))
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "sft-lora"])
 def test_two_processes_match_one_process_with_accumulation(tmp_path, stage):
     if shutil.which("accelerate") is None:
         pytest.skip("the accelerate launcher is not on PATH")
+    lora = stage.endswith("-lora")    # --lora under DDP: the adapters' loss curve equals one process's too
+    stage = stage.removesuffix("-lora")
     model = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2, vocab_size=256)
     data = tmp_path / "d.jsonl"
     if stage == "sft":
@@ -41,7 +43,8 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, stage):
                  "rejected": "No." if i % 2 == 0 else "Yes it is."} for i in range(16)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [stage, str(model), "--data", str(data), "--max-steps", "4", "--batch-size", "2", "--lr", "5e-3",
-              "--logging-steps", "1", "--max-length", "64", "--no-tensorboard", "-q", "--save-steps", "0"]
+              "--logging-steps", "1", "--max-length", "64", "--no-tensorboard", "-q", "--save-steps", "0",
+              *(["--lora", "--lora-r", "4", "--lora-dropout", "0"] if lora else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     two = tmp_path / "two"
     p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -57,7 +60,11 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, stage):
     assert start2["processes"] == 2 and start1["processes"] == 1
     # DDP: every process holds the whole model (FSDP is tests/test_train_fsdp.py)
     assert start2["sharding"] == "ddp" and start1["sharding"] == "none"
-    assert start2["params_local"] == start2["total"] == start1["params_local"]
+    if lora:  # every process holds the base and the adapters ("total" counts the base)
+        assert start2["params_local"] == start1["params_local"] == start1["total"] + start1["trainable"]
+        assert start2["lora"]["modules"] == start1["lora"]["modules"] > 0 and start2["trainable"] < start2["total"]
+    else:
+        assert start2["params_local"] == start2["total"] == start1["params_local"]
     assert start2["global_batch"] == start1["global_batch"] == 4
     assert len(c1) == len(c2) == 4
     for a, b in zip(c1, c2):

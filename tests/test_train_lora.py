@@ -166,6 +166,7 @@ def test_qlora_runs_on_cpu_and_merges_into_the_unquantized_base(model_dir, tmp_p
     assert rec[0]["lora"]["qlora"] is True and losses[-1] < losses[0] - 0.1
     merged = tensors(out)
     base = tensors(model_dir)
+    assert rec[0]["total"] == sum(t.numel() for t in base.values())  # 4-bit weights counted unpacked
     assert all(merged[n].dtype == base[n].dtype == torch.float32 for n in base)  # not the 4-bit copy
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
     # The merged full-precision model against the 4-bit model with the adapter: they differ by the base's

@@ -131,6 +131,16 @@ def _check_modules_to_save(model, names: list[str]) -> None:
                           "(e.g. embed_tokens, lm_head)")
 
 
+def parameter_count(model) -> int:
+    """The model's parameters, a 4-bit quantized weight counted by its original shape (bitsandbytes packs two
+    4-bit values in each stored byte, so numel() would count half of them)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
+    return total
+
+
 def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     """Wrap `model` with LoRA adapters (all base weights frozen); return (peft model, run info)."""
     import torch
@@ -147,7 +157,7 @@ def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,
                     target_modules=targets, modules_to_save=to_save or None, use_rslora=cfg.use_rslora,
                     use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM")
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on --seed alone
     with warnings.catch_warnings():  # PEFT calls a transformers API that warns about its own deprecation
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
