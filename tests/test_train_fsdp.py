@@ -223,11 +223,12 @@ def test_fsdp_killed_run_resumes_to_the_uninterrupted_result(model_dir, tmp_path
 
 
 @slow
-def test_fsdp_lora_matches_one_process(model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-mixed"])   # bf16-mixed: a bf16 base with fp32 adapters
+def test_fsdp_lora_matches_one_process(model_dir, tmp_path, dtype):
     data = sft_data(tmp_path)
     common = ["sft", model_dir, "--data", data, "--max-steps", "3", "--batch-size", "2", "--lr", "5e-3",
               "--logging-steps", "1", "--max-length", "64", "--no-tensorboard", "-q", "--save-steps", "0",
-              "--lora", "--lora-r", "4", "--lora-dropout", "0"]
+              "--lora", "--lora-r", "4", "--lora-dropout", "0", "--dtype", dtype]
     two, one = tmp_path / "two", tmp_path / "one"
     p = launch(tmp_path, *common, "--out", two, "--grad-accum", "1")
     assert p.returncode == 0, p.stderr[-4000:]
