@@ -128,14 +128,9 @@ def test_tune_lora_layers_swaps_dropout_and_keeps_autocast_outputs():
 def test_bf16_mixed_lora_holds_a_bf16_base_and_equals_a_plain_autocast_loop(tmp_path, monkeypatch):
     """--lora --dtype bf16-mixed: the frozen base is loaded in bf16, adapters and modules_to_save train in
     fp32 under bf16 autocast; the loss curve equals a plain PEFT loop doing exactly that (1e-5)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from test_train_lora import plain_peft_losses
 
     from upstack.cli import main
-    from upstack.data.chat import encode_sft_rows
-    from upstack.data.loading import load_sft_rows, parse_data_spec
-    from upstack.lm import collate_segments, forward_scored
-    from upstack.train.schedule import EpochOrder
 
     model_dir = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2)
     rows = [{"instruction": f"Say {w} ({i})", "input": "", "output": f"{w} {w}."}
@@ -165,32 +160,6 @@ def test_bf16_mixed_lora_holds_a_bf16_base_and_equals_a_plain_autocast_loop(tmp_
     ours = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["type"] == "train"]
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    loaded, _ = load_sft_rows([parse_data_spec(str(data))], skip_bad_rows=False, seed=0)
-    enc, keep = encode_sft_rows(tok, loaded, 64)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(0)
-    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                             modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
-    order = EpochOrder(len(keep), 0)
-    plain = []
-    for step in range(4):
-        batch = collate_segments([[enc.get(keep[i])] for i in order.take(step * 4, 4)], tok.pad_token_id, False)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, labels = forward_scored(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                                 reduction="sum") / batch["n_loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        plain.append(loss.item())
+    plain = plain_peft_losses(model_dir, data, steps=4, batch=4, dtype=torch.bfloat16, modules_to_save=["lm_head"])
     assert ours == pytest.approx(plain, abs=1e-5)
     assert plain[-1] < plain[0]

@@ -55,17 +55,10 @@ def tensors(folder):
 COMMON = ["--no-tensorboard", "--logging-steps", "1", "--seed", "0"]
 
 
-def test_only_adapters_change_and_the_loss_equals_a_plain_peft_loop(model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))
-    out = tmp_path / "out"
-    assert cli("sft", model_dir, "--data", data, "--out", out, "--lora", "--lora-r", "4", "--lora-dropout", "0",
-               "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--lr-scheduler", "constant",
-               "--no-packing", "--max-length", "64", "--max-grad-norm", "0", *COMMON) == 0
-    ours = [r["loss"] for r in metrics(out) if r["type"] == "train"]
-    start = metrics(out)[0]
-    assert start["lora"]["modules"] == 14 and start["trainable"] < start["total"] / 10
-
-    # The same batches through a plain loop: PEFT model, AdamW, mean token loss.
+def plain_peft_losses(model_dir, data, *, steps: int, batch: int, dtype=None, modules_to_save=None) -> list:
+    """The loss curve of a plain PyTorch + PEFT loop over upstack's batches (r 4, alpha 8, no dropout, every
+    linear module but the head, AdamW lr 3e-3, no clipping). `dtype` bf16: the base loaded in bf16, what is
+    trained kept in fp32, forward under bf16 autocast (--dtype bf16-mixed)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,27 +70,45 @@ def test_only_adapters_change_and_the_loss_equals_a_plain_peft_loop(model_dir, t
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows, _ = load_sft_rows([parse_data_spec(str(data))], skip_bad_rows=False, seed=0)
     enc, keep = encode_sft_rows(tok, rows, 64)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                             task_type="CAUSAL_LM"))
+                                             modules_to_save=modules_to_save, task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     order = EpochOrder(len(keep), 0)
-    plain = []
-    for step in range(6):
-        idx = order.take(step * 4, 4)
-        batch = collate_segments([[enc.get(keep[i])] for i in idx], tok.pad_token_id, False)
-        logits, labels = forward_scored(model, batch)
+    losses = []
+    for step in range(steps):
+        b = collate_segments([[enc.get(keep[i])] for i in order.take(step * batch, batch)], tok.pad_token_id, False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logits, labels = forward_scored(model, b)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                                 reduction="sum") / batch["n_loss"]
+                                                 reduction="sum") / b["n_loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()
-        plain.append(loss.item())
+        losses.append(loss.item())
+    return losses
+
+
+def test_only_adapters_change_and_the_loss_equals_a_plain_peft_loop(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))
+    out = tmp_path / "out"
+    assert cli("sft", model_dir, "--data", data, "--out", out, "--lora", "--lora-r", "4", "--lora-dropout", "0",
+               "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--lr-scheduler", "constant",
+               "--no-packing", "--max-length", "64", "--max-grad-norm", "0", *COMMON) == 0
+    ours = [r["loss"] for r in metrics(out) if r["type"] == "train"]
+    start = metrics(out)[0]
+    assert start["lora"]["modules"] == 14 and start["trainable"] < start["total"] / 10
+
+    # The same batches through a plain loop: PEFT model, AdamW, mean token loss.
+    plain = plain_peft_losses(model_dir, data, steps=6, batch=4)
     assert ours == pytest.approx(plain, abs=1e-5)
     assert plain[-1] < plain[0]
 
@@ -118,6 +129,7 @@ def test_only_adapters_change_and_the_loss_equals_a_plain_peft_loop(model_dir, t
     assert conf["r"] == 4 and conf["base_model_name_or_path"] == str(model_dir)
     # PEFT loads our adapter onto the base and gives the merged model's logits.
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
