@@ -263,6 +263,9 @@ def test_hub_reachable_probes_the_endpoint(monkeypatch):
 
     from upstack import hub
 
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY",
+              "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
@@ -274,4 +277,15 @@ def test_hub_reachable_probes_the_endpoint(monkeypatch):
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    assert not hub.hub_reachable(timeout=1.0)
+    # Behind a proxy only the proxy is probed: an endpoint this machine cannot resolve is reachable through it.
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(1)
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.setattr(hub, "_REACHABLE", {})
+        assert hub.hub_reachable(timeout=1.0)
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{closed}")   # a proxy that does not answer
     assert not hub.hub_reachable(timeout=1.0)

@@ -18,18 +18,25 @@ _REACHABLE: dict[str, bool] = {}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hub (HF_ENDPOINT, default huggingface.co:443) opens within `timeout`
-    seconds; asked once per process. Libraries that find the Hub unreachable retry for tens of seconds
+    """Whether a TCP connection to the Hub (HF_ENDPOINT, default huggingface.co:443), or to the proxy the
+    environment names for it (HTTPS_PROXY, NO_PROXY honoured), opens within `timeout` seconds; asked once
+    per process. Libraries that find the Hub unreachable retry for tens of seconds
     before they fail, so callers check this first and fail (or use the cache) at once."""
     import socket
     from urllib.parse import urlparse
 
+    import urllib.request
+
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if endpoint not in _REACHABLE:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        port = url.port or (80 if url.scheme == "http" else 443)
+        host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+        proxy = urllib.request.getproxies().get(url.scheme or "https")
+        if proxy and not urllib.request.proxy_bypass(host):  # behind a proxy, the proxy is what must answer
+            purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+            host, port = purl.hostname or host, purl.port or (443 if purl.scheme == "https" else 80)
         try:
-            socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout).close()
             _REACHABLE[endpoint] = True
         except OSError:
             _REACHABLE[endpoint] = False
