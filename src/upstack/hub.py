@@ -20,12 +20,11 @@ _REACHABLE: dict[str, bool] = {}
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the Hub (HF_ENDPOINT, default huggingface.co:443), or to the proxy the
     environment names for it (HTTPS_PROXY, NO_PROXY honoured), opens within `timeout` seconds; asked once
-    per process. Libraries that find the Hub unreachable retry for tens of seconds
-    before they fail, so callers check this first and fail (or use the cache) at once."""
+    per process. Libraries that find the Hub unreachable retry for tens of seconds before they fail, so
+    callers check this first and fail (or use the cache) at once."""
     import socket
-    from urllib.parse import urlparse
-
     import urllib.request
+    from urllib.parse import urlparse
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if endpoint not in _REACHABLE:

@@ -19,13 +19,13 @@ from upstack.train.metrics import trim_heap
 from upstack.train.run import Run
 
 
-def load_training_model(cfg: TrainConfig, max_token_id: int, run: Run | None = None) -> tuple:
+def load_training_model(cfg: TrainConfig, max_token_id: int, run: Run) -> tuple:
     """(model in its master dtype, the checkpoint's own dtype name): the model --model names, checked to
     cover the data's largest token id; with --qlora its linear weights are quantized to 4-bit NF4 on load.
     Under FSDP only process 0 reads the weights: the others build the model on the meta device and receive
     their shards from it once the model is sharded (prepare_model), so a node's host memory holds one copy
     of the checkpoint, not one per process."""
-    if run is not None and weights_from_rank0(run) and not run.is_main:
+    if weights_from_rank0(run) and not run.is_main:
         model = load_model_skeleton(cfg.model, dtype=master_dtype(cfg),
                                     attn_implementation=cfg.attn_implementation)
         check_token_ids(model, max_token_id)
