@@ -65,3 +65,43 @@ def test_soft_capped_logits_keep_the_plain_path(tmp_path):
     path = build_tiny_model(tmp_path / "g", "gemma2", num_hidden_layers=2)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert loss_chunk_positions(model, _batch(model.config.vocab_size), chunk_bytes=16) is None
+
+
+def test_loss_chunk_size_from_the_environment(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from upstack.errors import ConfigError
+    from upstack.lm import LOSS_CHUNK_BYTES, loss_chunk_bytes, loss_chunk_positions
+
+    path = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=1)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    batch = _batch(model.config.vocab_size)
+    vocab = model.get_output_embeddings().out_features
+    assert loss_chunk_bytes() == LOSS_CHUNK_BYTES == 256 << 20
+    monkeypatch.setenv("UPSTACK_LOSS_CHUNK_MB", str(4 * vocab * 5 / 2**20))
+    assert loss_chunk_positions(model, batch) == 5
+    for bad in ("0", "-1", "lots", "inf", "nan"):
+        monkeypatch.setenv("UPSTACK_LOSS_CHUNK_MB", bad)
+        with pytest.raises(ConfigError, match="UPSTACK_LOSS_CHUNK_MB"):
+            loss_chunk_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scored_logits_equal_the_models_own(tmp_path, dtype):
+    """forward_scored applies the head to the scored positions flattened into one matrix: the numbers of
+    the model's own logits_to_keep forward (which heads a non-contiguous slice), and the head restored."""
+    from transformers import AutoModelForCausalLM
+
+    from upstack.lm import forward_scored
+
+    path = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    batch = _batch(model.config.vocab_size)
+    batch["logits_from"] = 4
+    with torch.no_grad():
+        logits, labels = forward_scored(model, batch)
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=batch["input_ids"].shape[1] - 4).logits
+    assert logits.shape == own.shape and torch.equal(labels, batch["labels"][:, 4:])
+    torch.testing.assert_close(logits, own, rtol=0, atol=0)
+    assert "forward" not in vars(model.get_output_embeddings())

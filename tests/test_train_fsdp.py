@@ -119,6 +119,10 @@ def sft_data(tmp_path):
     return data
 
 
+def _vocab(model_dir):
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
 def data_for(stage, tmp_path):
     if stage == "pretrain":
         from tiny import CORPUS
@@ -145,13 +149,22 @@ CASES = {
                                     "--gradient-checkpointing", "--eval-fraction", "0.2"]),
     "dpo-precomputed-ref": ("dpo", ["--max-length", "64", "--train-layers", "0-0", "--lr", "1e-3"]),
     "dpo-ref-in-memory": ("dpo", ["--max-length", "64", "--no-precompute-ref", "--lr", "1e-3"]),
+    # the memory-lean loss (head applied a few positions at a time) with the head's weight sharded
+    "sft-chunked-loss": ("sft", ["--max-length", "64", "--lr", "5e-3"]),
 }
 
 
 @slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_fsdp_two_processes_match_one_process(model_dir, tied_model_dir, tmp_path, case):
+def test_fsdp_two_processes_match_one_process(model_dir, tied_model_dir, tmp_path, case, monkeypatch):
     stage, extra = CASES[case]
+    if "chunked" in case:   # both runs (the launch copies the environment) score 8 positions per chunk
+        import upstack.lm
+
+        monkeypatch.setenv("UPSTACK_LOSS_CHUNK_MB", str(8 * 4 * _vocab(model_dir) / 2**20))
+        chunks = []
+        real = upstack.lm._chunk_nll
+        monkeypatch.setattr(upstack.lm, "_chunk_nll", lambda *a: chunks.append(1) or real(*a))
     data = data_for(stage, tmp_path)
     model = tied_model_dir if "tied" in case else model_dir
     common = [stage, model, "--data", data, "--max-steps", "4", "--batch-size", "1",
@@ -165,6 +178,8 @@ def test_fsdp_two_processes_match_one_process(model_dir, tied_model_dir, tmp_pat
     assert records(one)[1]["sharding"] == "none" and records(one)[1]["params_local"] == records(one)[1]["total"]
     assert_same_curve(one, two)
     assert_close_weights(one, two)  # also: the same tensor names (a tied weight saved once)
+    if "chunked" in case:
+        assert len(chunks) > 8   # the one-process run took the chunked path (forward and recompute)
     assert json.loads((two / "config.json").read_text())["num_hidden_layers"] == 2
     if "--eval-fraction" in extra:  # held-out loss under FSDP: every process runs the same forward passes
         evals = [[r for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]

@@ -370,17 +370,47 @@ def _takes_logits_to_keep(model) -> bool:
 def forward_scored(model, batch: dict):
     """(logits, labels) over the positions that can carry a label: prompts at the start of every row
     (SFT, DPO) need no logits, and the lm_head over a large vocabulary is a big share of the work."""
-    start = batch.get("logits_from", 0)
-    if start and not _takes_logits_to_keep(model):
-        start = 0
-    logits = forward_logits(model, batch, start)
+    start = _scored_from(model, batch)
+    head = _output_head(model)
+    if head is None:
+        return forward_logits(model, batch, start), batch["labels"][:, start:]
+    # The model applies its head to hidden[:, start:], a slice that is not one matrix in memory, on which
+    # torch's matmul copies the head's whole weight once per row (forward and backward, whenever the hidden
+    # states are already in the head's dtype); the head applied to the slice flattened into one matrix
+    # reads its weight in place. It runs inside the model's forward, where a sharded (FSDP) model's
+    # parameters are gathered.
+    def flat_head(hidden):
+        return head.__class__.forward(head, hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+
+    with _HeadAs(head, flat_head):
+        logits = forward_logits(model, batch, start)
     return logits, batch["labels"][:, start:]
+
+
+def _scored_from(model, batch: dict) -> int:
+    start = batch.get("logits_from", 0)
+    return start if start and _takes_logits_to_keep(model) else 0
 
 
 # Logits of more than this many bytes (fp32) are never made at once: the loss applies the output head to
 # chunks of positions, recomputed in the backward pass (Mistral's 32k vocabulary x 4,096 tokens x batch 4
 # would be 2 GB of logits). Below it, the plain one-call path runs (same numbers, no recompute).
+# UPSTACK_LOSS_CHUNK_MB overrides it (a number of MB, fractions allowed).
 LOSS_CHUNK_BYTES = 256 << 20
+
+
+def loss_chunk_bytes() -> int:
+    """LOSS_CHUNK_BYTES, or UPSTACK_LOSS_CHUNK_MB when set (ConfigError when it is not a positive number)."""
+    value = os.environ.get("UPSTACK_LOSS_CHUNK_MB", "").strip()
+    if not value:
+        return LOSS_CHUNK_BYTES
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb > 0 or mb == float("inf"):
+        raise ConfigError(f"UPSTACK_LOSS_CHUNK_MB={value!r}: expected a positive number of MB (default 256)")
+    return max(1, int(mb * (1 << 20)))
 
 
 def _output_head(model):
@@ -399,14 +429,15 @@ def _output_head(model):
     return head if type(head) is nn.Linear else None
 
 
-class _HeadOff:
-    """Within the block the head returns its input: the model's "logits" are its final hidden states."""
+class _HeadAs:
+    """Within the block the output head computes `fn(hidden)` instead of its logits: the model's own
+    forward runs it (for FSDP, while the root's parameters are gathered) and returns it as `.logits`."""
 
-    def __init__(self, head):
-        self.head = head
+    def __init__(self, head, fn):
+        self.head, self.fn = head, fn
 
     def __enter__(self):
-        self.head.forward = lambda hidden: hidden  # an instance attribute shadows nn.Linear.forward
+        self.head.forward = self.fn  # an instance attribute shadows nn.Linear.forward
 
     def __exit__(self, *exc):
         del self.head.forward
@@ -419,9 +450,10 @@ def _chunk_nll(hidden, weight, bias, labels):
     return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
 
 
-def loss_chunk_positions(model, batch: dict, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int | None:
-    """Positions per chunk when the batch's fp32 logits would pass `chunk_bytes` and the model's head can
-    be applied by the loss itself; None when the one-call path applies."""
+def loss_chunk_positions(model, batch: dict, chunk_bytes: int | None = None) -> int | None:
+    """Positions per chunk when the batch's fp32 logits would pass `chunk_bytes` (loss_chunk_bytes()) and
+    the model's head can be applied by the loss itself; None when the one-call path applies."""
+    chunk_bytes = chunk_bytes or loss_chunk_bytes()
     head = _output_head(model)
     positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - batch.get("logits_from", 0))
     if head is None or positions * head.out_features * 4 <= chunk_bytes:
@@ -429,7 +461,7 @@ def loss_chunk_positions(model, batch: dict, chunk_bytes: int = LOSS_CHUNK_BYTES
     return max(1, chunk_bytes // (4 * head.out_features))
 
 
-def token_nll(model, batch: dict, chunk_bytes: int = LOSS_CHUNK_BYTES):
+def token_nll(model, batch: dict, chunk_bytes: int | None = None):
     """(per-position negative log-likelihood [rows, positions], labels) over the scored positions, with the
     output head applied in chunks when the whole batch's fp32 logits would pass `chunk_bytes` (each chunk
     recomputed in the backward pass, so only one chunk's logits exist at a time). Same values and
@@ -444,12 +476,19 @@ def token_nll(model, batch: dict, chunk_bytes: int = LOSS_CHUNK_BYTES):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
         return nll.view(labels.shape), labels
     head = _output_head(model)
-    with _HeadOff(head):
-        hidden, labels = forward_scored(model, batch)
-    flat, flat_labels = hidden.flatten(0, 1), labels.flatten()
-    pieces = [checkpoint(_chunk_nll, flat[a:a + step], head.weight, head.bias, flat_labels[a:a + step],
-                         use_reentrant=False) for a in range(0, flat.shape[0], step)]
-    return torch.cat(pieces).view(labels.shape), labels
+    start = _scored_from(model, batch)
+    labels = batch["labels"][:, start:]
+    flat_labels = labels.flatten()
+
+    def chunked_nll(hidden):   # run by the model's forward in place of its head (see _HeadAs)
+        flat = hidden.flatten(0, 1)
+        pieces = [checkpoint(_chunk_nll, flat[a:a + step], head.weight, head.bias, flat_labels[a:a + step],
+                             use_reentrant=False) for a in range(0, flat.shape[0], step)]
+        return torch.cat(pieces)
+
+    with _HeadAs(head, chunked_nll):
+        nll = forward_logits(model, batch, start)
+    return nll.view(labels.shape), labels
 
 
 def scored_logps(model, batch: dict):

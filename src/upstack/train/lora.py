@@ -162,7 +162,7 @@ def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     with warnings.catch_warnings():  # PEFT calls a transformers API that warns about its own deprecation
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, lc)
-    from upstack.train.dropout import tune_lora_layers
+    from upstack.train.lora_cpu import tune_lora_layers
 
     tune_lora_layers(model, autocast=cfg.dtype == "bf16-mixed")
     if cfg.dtype == "bf16-mixed":  # master weights of what is trained stay fp32 (modules_to_save too)

@@ -15,7 +15,7 @@ parameters, w the bytes of a master weight: 4 for fp32 and bf16-mixed, 2 for bf1
             tokens x layers x h + one layer's worth); + attention scores 2 x heads x length per token and
             layer with eager attention; + embeddings and the final norm, 2 tokens h a_bytes
     logits  3 x tokens x vocab x 4 (fp32 logits, their log-softmax, its gradient); the loss never makes
-            more than lm.LOSS_CHUNK_BYTES of logits at once, so this part is capped at 3 x that
+            more than lm.loss_chunk_bytes() of logits at once, so this part is capped at 3 x that
     lora    with --lora-dropout > 0, activations also hold the dropped copy and mask of each adapted
             module's input: tokens x (summed input width of the adapted modules) x (a_bytes + 1) (one layer's
             share of it with gradient checkpointing)
@@ -33,7 +33,7 @@ from typing import Optional
 
 from upstack.checkpoint import meta_model
 from upstack.errors import ConfigError
-from upstack.lm import LOSS_CHUNK_BYTES
+from upstack.lm import loss_chunk_bytes
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4-bit values + 8-bit absmax per 64 + fp32 per 256 absmax blocks
 GIB = 1 << 30
@@ -85,7 +85,7 @@ def activation_bytes(config: dict, tokens: int, *, a_bytes: int, gradient_checkp
 
 def logits_bytes(config: dict, tokens: int) -> int:
     vocab = _dims(config)[5]
-    return 3 * min(tokens * vocab * 4, LOSS_CHUNK_BYTES)
+    return 3 * min(tokens * vocab * 4, loss_chunk_bytes())
 
 
 def memory_plan(config: dict, *, stage: str, batch_size: int, max_length: int, dtype: str = "fp32",
