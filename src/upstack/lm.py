@@ -455,7 +455,7 @@ def loss_chunk_positions(model, batch: dict, chunk_bytes: int | None = None) -> 
     the model's head can be applied by the loss itself; None when the one-call path applies."""
     chunk_bytes = chunk_bytes or loss_chunk_bytes()
     head = _output_head(model)
-    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - batch.get("logits_from", 0))
+    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - _scored_from(model, batch))
     if head is None or positions * head.out_features * 4 <= chunk_bytes:
         return None
     return max(1, chunk_bytes // (4 * head.out_features))
