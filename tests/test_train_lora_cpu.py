@@ -287,3 +287,38 @@ def test_bf16_mixed_lora_holds_a_bf16_base_and_equals_a_plain_autocast_loop(tmp_
     assert ours[0] == pytest.approx(plain[0], abs=1e-5)
     assert ours == pytest.approx(plain, abs=1e-3)
     assert plain[-1] < plain[0]
+
+
+def test_lora_branch_on_a_4bit_base_matches_peft(tmp_path):
+    """QLoRA: the 4-bit layers take the branch too (the base returns fp32 under autocast; the bf16 adapter
+    product is added to it as PEFT adds it): loss and gradients equal PEFT's own forward within bf16
+    rounding, and the 4-bit weights are untouched."""
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from upstack.train.lora_cpu import tune_lora_layers
+
+    path = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    peft = _peft_path(model, autocast=True)
+    tune_lora_layers(model, autocast=True)
+    bound = [m for m in model.modules() if "forward" in vars(m)]
+    assert len(bound) == 14 and all(type(m).__name__ == "Linear4bit" for m in bound)
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    loss, grads = _loss_and_grads(model.train(), ids, autocast=True)
+    ref_loss, ref = _loss_and_grads(peft.train(), ids, autocast=True)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-3)
+    assert grads.keys() == ref.keys() and len(grads) == 28
+    for name, g in grads.items():
+        assert float((g - ref[name]).norm()) <= 0.03 * float(ref[name].norm()) + 1e-8, name
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)

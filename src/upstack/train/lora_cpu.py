@@ -20,13 +20,14 @@ same sum with the dropout's 1 / (1 - p) and the LoRA scaling applied to the (tok
 and adds the adapter's output into the base output in place with one `addmm_`. On the bench model
 (hidden 640) the branch made LoRA training about 5% faster, and adding in place (no copy of the base
 output inside `addmm`) more again; the value equals PEFT's up to rounding (the tests compare loss and
-gradients). Only a plain LoRA adapter on an `nn.Linear` takes this path (not DoRA, not a
-4-bit base, not several active adapters); every other case, and every other device, runs PEFT's own code.
+gradients). Only a plain LoRA adapter on an `nn.Linear` or a 4-bit (QLoRA) linear layer takes this path
+(not DoRA, not several active adapters); every other case, and every other device, runs PEFT's own code.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import types
 
 import torch
@@ -98,8 +99,8 @@ class LoraBranch(torch.autograd.Function):
     in `result`'s dtype (bf16 under autocast)."""
 
     @staticmethod
-    def forward(ctx, result, x, a, b, scaling: float, p: float):
-        dtype = result.dtype
+    def forward(ctx, result, x, a, b, scaling: float, p: float, dtype=None):
+        dtype = dtype or result.dtype
         a16, b16 = a.to(dtype), b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
         pos = None
@@ -113,16 +114,20 @@ class LoraBranch(torch.autograd.Function):
         h = (xd @ a16.t()).mul_(scaling)
         ctx.save_for_backward(xd, a16, b16, h, pos)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.dtypes = scaling, x.shape, x.dtype, (a.dtype, b.dtype)
-        if result.is_contiguous():   # the base layer's fresh output, which nothing saved: add into it
-            result.view(-1, result.shape[-1]).addmm_(h, b16.t())
-            ctx.mark_dirty(result)
-            return result
-        return torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t()).view(result.shape)
+        if not result.is_contiguous():
+            return torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t()).view(result.shape)
+        flat_out = result.view(-1, result.shape[-1])   # the base layer's fresh output, which nothing saved
+        if result.dtype == dtype:
+            flat_out.addmm_(h, b16.t())
+        else:   # a 4-bit base returns its input's dtype (fp32 under autocast): add the bf16 product to it
+            flat_out.add_(h @ b16.t())
+        ctx.mark_dirty(result)
+        return result
 
     @staticmethod
     def backward(ctx, grad):
         xd, a16, b16, h, pos = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
+        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
         need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         grad_b = (g.t() @ h).to(ctx.dtypes[1]) if need_b else None
         gh = (g @ b16).mul_(ctx.scaling) if (need_x or need_a) else None
@@ -133,35 +138,35 @@ class LoraBranch(torch.autograd.Function):
             if pos is not None:
                 grad_x.view(-1)[pos] = 0
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad if need_result else None, grad_x, grad_a, grad_b, None, None
+        return grad if need_result else None, grad_x, grad_a, grad_b, None, None, None
 
 
 def _lora_linear_forward(self, x, *args, **kwargs):
-    """PEFT's LoRA `Linear.forward`, through `LoraBranch` where that applies (bound to each plain LoRA
-    `Linear` by `tune_lora_layers`; a bound method, so a deep copy of the model binds its copy)."""
-    from peft.tuners.lora.layer import Linear
-
+    """PEFT's LoRA `Linear.forward` (or its 4-bit `Linear4bit.forward`), through `LoraBranch` where that
+    applies (bound to each plain LoRA layer by `tune_lora_layers`; a bound method, so a deep copy of the
+    model binds its copy)."""
+    peft_forward = type(self).forward
     adapters = self.active_adapters
     if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1 or x.device.type != "cpu":
-        return Linear.forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     name = adapters[0]
     if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
-        return Linear.forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     a, b, drop = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_dropout[name]
     if isinstance(drop, CpuDropout):
         p = drop.p if self.training else 0.0
     elif isinstance(drop, nn.Identity):
         p = 0.0
     else:
-        return Linear.forward(self, x, *args, **kwargs)
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else a.dtype
-    if not autocast and not (x.dtype == b.dtype == dtype == self.base_layer.weight.dtype):
-        return Linear.forward(self, x, *args, **kwargs)   # PEFT's mixed-dtype rules: not a path training takes
+        return peft_forward(self, x, *args, **kwargs)
+    if not torch.is_autocast_enabled("cpu"):
+        if not x.dtype == a.dtype == b.dtype == self.base_layer.weight.dtype:
+            return peft_forward(self, x, *args, **kwargs)   # PEFT's mixed-dtype rules: not a path training takes
+        dtype = x.dtype
+    else:
+        dtype = torch.get_autocast_dtype("cpu")
     result = self.base_layer(x)
-    if result.dtype != dtype:
-        result = result.to(dtype)
-    return LoraBranch.apply(result, x, a, b, self.scaling[name], p)
+    return LoraBranch.apply(result, x, a, b, self.scaling[name], p, dtype)
 
 
 def tune_lora_layers(model, autocast: bool) -> int:
@@ -172,6 +177,8 @@ def tune_lora_layers(model, autocast: bool) -> int:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
+    bnb = sys.modules.get("peft.tuners.lora.bnb")   # loaded with a 4-bit base; not imported for others
+    branch_types = {Linear, getattr(bnb, "Linear4bit", Linear)}
     n = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer):
@@ -181,7 +188,7 @@ def tune_lora_layers(model, autocast: bool) -> int:
                 module.lora_dropout[name] = CpuDropout(drop.p)
         if autocast:
             module.cast_input_dtype_enabled = False
-        if type(module) is Linear and "forward" not in vars(module):
+        if type(module) in branch_types and "forward" not in vars(module):
             module.forward = types.MethodType(_lora_linear_forward, module)
         n += 1
     return n
