@@ -294,7 +294,6 @@ def test_lora_branch_on_a_4bit_base_matches_peft(tmp_path):
     product is added to it as PEFT adds it): loss and gradients equal PEFT's own forward within bf16
     rounding, and the 4-bit weights are untouched."""
     pytest.importorskip("bitsandbytes")
-    import copy
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
