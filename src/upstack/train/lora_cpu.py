@@ -95,12 +95,11 @@ class CpuDropout(nn.Module):
 
 class LoraBranch(torch.autograd.Function):
     """`result + (dropout(x) @ A^T * scaling) @ B^T`, with the dropout's and the LoRA scaling on the
-    (tokens x r) product, added into `result` (the base layer's output) by one in-place `addmm_`. Computes
-    in `result`'s dtype (bf16 under autocast)."""
+    (tokens x r) product, added into `result` (the base layer's output) in place. Computes in `dtype`
+    (bf16 under autocast)."""
 
     @staticmethod
-    def forward(ctx, result, x, a, b, scaling: float, p: float, dtype=None):
-        dtype = dtype or result.dtype
+    def forward(ctx, result, x, a, b, scaling: float, p: float, dtype: torch.dtype):
         a16, b16 = a.to(dtype), b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
         pos = None
