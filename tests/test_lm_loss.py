@@ -26,6 +26,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _plain_nll(model, batch):
+    """The reference: the model's logits over the scored positions and F.cross_entropy."""
+    import torch.nn.functional as F
+
+    from upstack.lm import forward_scored
+
+    logits, labels = forward_scored(model, batch)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    return nll.view(labels.shape), labels
+
+
 @pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen2", True)])
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tmp_path, model_type, tied):
     from transformers import AutoModelForCausalLM
@@ -35,26 +46,97 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tmp_path, model_ty
     path = build_tiny_model(tmp_path / "m", model_type, num_hidden_layers=2, tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     batch = _batch(model.config.vocab_size)
+    batch["logits_from"] = 4
     vocab = model.get_output_embeddings().out_features
     small = 4 * vocab * 5  # five positions per chunk
+    positions = 3 * (17 - 4)
 
-    assert loss_chunk_positions(model, batch) is None  # a tiny batch takes the one-call path by default
+    assert loss_chunk_positions(model, batch) == positions  # a tiny batch is one chunk by default
     assert loss_chunk_positions(model, batch, small) == 5
-    plain, labels = token_nll(model, batch)
-    plain.sum().backward()
+    weights = torch.rand(3, 17 - 4)  # an uneven upstream gradient, as DPO's per-row terms give
+    plain, labels = _plain_nll(model, batch)
+    (plain * weights).sum().backward()
     want = _grads(model)
-    model.zero_grad()
-    chunked, labels2 = token_nll(model, batch, small)
-    chunked.sum().backward()
-    got = _grads(model)
-    assert torch.equal(labels, labels2)
-    assert torch.allclose(chunked, plain, atol=1e-6, rtol=1e-6)
-    assert (plain[labels == -100] == 0).all() and (plain[labels != -100] > 0).all()
-    assert want.keys() == got.keys() and len(got) > 10
-    for n in want:
-        assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-4), n
+    for chunk in (small, None):
+        model.zero_grad()
+        chunked, labels2 = token_nll(model, batch, chunk)
+        (chunked * weights).sum().backward()
+        got = _grads(model)
+        assert torch.equal(labels, labels2)
+        assert torch.allclose(chunked, plain, atol=1e-6, rtol=1e-6)
+        assert (chunked[labels == -100] == 0).all() and (chunked[labels != -100] > 0).all()
+        assert want.keys() == got.keys() and len(got) > 10
+        for n in want:
+            assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-4), n
     # the head is restored after the chunked call
     assert "forward" not in vars(model.get_output_embeddings())
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_path(tmp_path):
+    """fp32 master weights under bf16 autocast (the trainer's bf16-mixed): the head runs in bf16 and the
+    log-softmax in fp32, as autocast runs F.linear + F.cross_entropy. The gradients round differently (the
+    softmax is recomputed, not read back; the head's gradient is summed over chunks in fp32), so both are
+    compared with the fp32 computation: the chunked loss is no less accurate than the plain one."""
+    from transformers import AutoModelForCausalLM
+
+    from upstack.lm import token_nll
+
+    path = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    batch = _batch(model.config.vocab_size)
+    small = 4 * model.get_output_embeddings().out_features * 7
+    results = []
+    for mixed, fn in ((False, _plain_nll), (True, _plain_nll), (True, lambda m, b: token_nll(m, b, small))):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            nll, labels = fn(model, batch)
+        nll.sum().backward()
+        results.append((nll.detach(), _grads(model)))
+    (exact, ref), (plain, want), (chunked, got) = results
+    assert chunked.dtype == plain.dtype == torch.float32
+    # the same bf16 logits; only the order of the fp32 sums differs
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert want.keys() == got.keys() and len(got) > 10
+    for n in want:
+        assert got[n].dtype == torch.float32
+        assert rel(got[n], want[n]) < 0.01, n                      # measured: at most 0.004
+        assert rel(got[n], ref[n]) <= 1.1 * rel(want[n], ref[n]) + 1e-3, n
+    mean = sum(rel(got[n], ref[n]) for n in got) / len(got)
+    assert mean <= 1.05 * sum(rel(want[n], ref[n]) for n in want) / len(want)  # measured: 0.00742 vs 0.00740
+
+
+def test_head_nll_with_a_bias_and_a_frozen_head():
+    """The head function alone: bias gradients, positions without labels, and a frozen head (LoRA), whose
+    weight gets no gradient computed."""
+    import torch.nn.functional as F
+
+    from upstack.lm import _head_nll
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    bias = torch.randn(13, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 13, (11,), generator=g)
+    labels[[0, 5]] = -100
+    upstream = torch.rand(11, generator=g, dtype=torch.float64)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=-100, reduction="none")
+    for step in (1, 4, 11):
+        args = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = _head_nll(*args, labels, step)
+        assert torch.allclose(out, ref.float(), atol=1e-5) and (out[[0, 5]] == 0).all()
+        x = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        (F.cross_entropy(F.linear(*x), labels, ignore_index=-100, reduction="none") * upstream).sum().backward()
+        (out * upstream).sum().backward()
+        for mine, theirs in zip(args, x):
+            assert torch.allclose(mine.grad, theirs.grad, atol=1e-5), step
+    frozen = weight.clone()
+    h = hidden.clone().requires_grad_()
+    _head_nll(h, frozen, None, labels, 3).sum().backward()
+    assert h.grad is not None and frozen.grad is None
 
 
 def test_soft_capped_logits_keep_the_plain_path(tmp_path):
@@ -71,13 +153,14 @@ def test_loss_chunk_size_from_the_environment(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from upstack.errors import ConfigError
-    from upstack.lm import LOSS_CHUNK_BYTES, loss_chunk_bytes, loss_chunk_positions
+    from upstack.lm import LOSS_CHUNK_BYTES, LOSS_CHUNK_BYTES_CPU, loss_chunk_bytes, loss_chunk_positions
 
     path = build_tiny_model(tmp_path / "m", "llama", num_hidden_layers=1)
     model = AutoModelForCausalLM.from_pretrained(path)
     batch = _batch(model.config.vocab_size)
     vocab = model.get_output_embeddings().out_features
-    assert loss_chunk_bytes() == LOSS_CHUNK_BYTES == 256 << 20
+    assert loss_chunk_bytes() == loss_chunk_bytes("cuda") == LOSS_CHUNK_BYTES == 256 << 20
+    assert loss_chunk_bytes("cpu") == LOSS_CHUNK_BYTES_CPU == 16 << 20
     monkeypatch.setenv("UPSTACK_LOSS_CHUNK_MB", str(4 * vocab * 5 / 2**20))
     assert loss_chunk_positions(model, batch) == 5
     for bad in ("0", "-1", "lots", "inf", "nan"):

@@ -162,9 +162,10 @@ def test_fsdp_two_processes_match_one_process(model_dir, tied_model_dir, tmp_pat
         import upstack.lm
 
         monkeypatch.setenv("UPSTACK_LOSS_CHUNK_MB", str(8 * 4 * _vocab(model_dir) / 2**20))
-        chunks = []
-        real = upstack.lm._chunk_nll
-        monkeypatch.setattr(upstack.lm, "_chunk_nll", lambda *a: chunks.append(1) or real(*a))
+        chunks = []   # (positions, positions per chunk) of each call of the one-process run
+        real = upstack.lm._head_nll
+        monkeypatch.setattr(upstack.lm, "_head_nll",
+                            lambda h, w, b, y, step: chunks.append((h.shape[0], step)) or real(h, w, b, y, step))
     data = data_for(stage, tmp_path)
     model = tied_model_dir if "tied" in case else model_dir
     common = [stage, model, "--data", data, "--max-steps", "4", "--batch-size", "1",
@@ -179,7 +180,9 @@ def test_fsdp_two_processes_match_one_process(model_dir, tied_model_dir, tmp_pat
     assert_same_curve(one, two)
     assert_close_weights(one, two)  # also: the same tensor names (a tied weight saved once)
     if "chunked" in case:
-        assert len(chunks) > 8   # the one-process run took the chunked path (forward and recompute)
+        # the one-process run scored 8 positions a chunk (fewer in a shorter batch), most batches in several
+        assert chunks and all(step == min(8, n) for n, step in chunks)
+        assert sum(n > 8 for n, _ in chunks) > len(chunks) / 2
     assert json.loads((two / "config.json").read_text())["num_hidden_layers"] == 2
     if "--eval-fraction" in extra:  # held-out loss under FSDP: every process runs the same forward passes
         evals = [[r for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]

@@ -135,3 +135,54 @@ def test_peak_rss_counts_from_the_stage_start():
     del block
     reset_peak_rss()
     assert peak_rss_mb() < high - 250
+
+
+def _rss_of(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_release_mapped_pages_hands_back_a_checkpoints_pages_and_keeps_their_contents(tmp_path):
+    """After QLoRA quantizes a checkpoint read through mmap, the pages it was read from are handed back
+    (they would otherwise stay counted in the process's memory); what the mapping holds is unchanged: clean
+    pages are read back from the file, and a page written in a private mapping keeps what was written."""
+    import mmap
+
+    import numpy as np
+
+    from upstack.train.metrics import release_mapped_pages
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps (not Linux)")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / "model.safetensors"
+    data = np.arange(8 << 20, dtype=np.int32)  # 32 MB
+    data.tofile(path)
+    with open(path, "rb") as f:  # a private, writable mapping, as transformers maps a checkpoint
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = np.frombuffer(mapped, dtype=np.int32)
+    assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read: resident
+    view[123] = -7  # one page copied on write
+    before = _rss_of(path)
+    assert before >= 30 << 20
+    advised = release_mapped_pages(tmp_path / "elsewhere")
+    assert advised == 0 and _rss_of(path) == before  # only files under the folder named
+    advised = release_mapped_pages(folder)
+    if advised == 0:
+        pytest.skip("madvise(MADV_PAGEOUT) not supported by this kernel (Linux 5.4+)")
+    assert advised == 32 << 20
+    assert _rss_of(path) < before / 4, (before, _rss_of(path))
+    assert view[123] == -7 and view[124] == 124 and view[-1] == (8 << 20) - 1
+    expect = data.copy()
+    expect[123] = -7
+    assert np.array_equal(view, expect)
+    del view
+    mapped.close()

@@ -15,6 +15,7 @@ torch and transformers are imported inside the functions that need them: importi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -392,24 +393,29 @@ def _scored_from(model, batch: dict) -> int:
     return start if start and _takes_logits_to_keep(model) else 0
 
 
-# Logits of more than this many bytes (fp32) are never made at once: the loss applies the output head to
-# chunks of positions, recomputed in the backward pass (Mistral's 32k vocabulary x 4,096 tokens x batch 4
-# would be 2 GB of logits). Below it, the plain one-call path runs (same numbers, no recompute).
-# UPSTACK_LOSS_CHUNK_MB overrides it (a number of MB, fractions allowed).
+# The loss never makes more than this many bytes of fp32 logits at once: the output head runs on chunks of
+# positions (lm.token_nll; Mistral's 32k vocabulary x 4,096 tokens x batch 4 would be 2 GB of logits).
+# On accelerators large chunks keep the head's matrix products large and the kernel launches few; on CPU
+# small chunks cost no speed (measured: bench/lora.py's model, full and QLoRA, 8-32 MB chunks) and save
+# the memory. UPSTACK_LOSS_CHUNK_MB overrides both (a number of MB, fractions allowed).
 LOSS_CHUNK_BYTES = 256 << 20
+LOSS_CHUNK_BYTES_CPU = 16 << 20
 
 
-def loss_chunk_bytes() -> int:
-    """LOSS_CHUNK_BYTES, or UPSTACK_LOSS_CHUNK_MB when set (ConfigError when it is not a positive number)."""
+def loss_chunk_bytes(device_type: str | None = None) -> int:
+    """UPSTACK_LOSS_CHUNK_MB when set (ConfigError when it is not a positive number), else
+    LOSS_CHUNK_BYTES_CPU for a CPU run and LOSS_CHUNK_BYTES for any other device (and for GPU memory plans:
+    device_type None)."""
     value = os.environ.get("UPSTACK_LOSS_CHUNK_MB", "").strip()
     if not value:
-        return LOSS_CHUNK_BYTES
+        return LOSS_CHUNK_BYTES_CPU if device_type == "cpu" else LOSS_CHUNK_BYTES
     try:
         mb = float(value)
     except ValueError:
         mb = -1.0
     if not mb > 0 or mb == float("inf"):
-        raise ConfigError(f"UPSTACK_LOSS_CHUNK_MB={value!r}: expected a positive number of MB (default 256)")
+        raise ConfigError(f"UPSTACK_LOSS_CHUNK_MB={value!r}: expected a positive number of MB (default "
+                          f"{LOSS_CHUNK_BYTES >> 20}, {LOSS_CHUNK_BYTES_CPU >> 20} on CPU)")
     return max(1, int(mb * (1 << 20)))
 
 
@@ -443,32 +449,25 @@ class _HeadAs:
         del self.head.forward
 
 
-def _chunk_nll(hidden, weight, bias, labels):
-    import torch.nn.functional as F
-
-    logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
-
-
 def loss_chunk_positions(model, batch: dict, chunk_bytes: int | None = None) -> int | None:
-    """Positions per chunk when the batch's fp32 logits would pass `chunk_bytes` (loss_chunk_bytes()) and
-    the model's head can be applied by the loss itself; None when the one-call path applies."""
-    chunk_bytes = chunk_bytes or loss_chunk_bytes()
+    """Positions per chunk of the loss's output head (as many as make `chunk_bytes` of fp32 logits,
+    loss_chunk_bytes() for the batch's device by default, at most the batch's scored positions); None when the model's logits
+    are not its head's plain output (soft-capping) and the loss takes them from the model's forward."""
+    chunk_bytes = chunk_bytes or loss_chunk_bytes(batch["input_ids"].device.type)
     head = _output_head(model)
-    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - _scored_from(model, batch))
-    if head is None or positions * head.out_features * 4 <= chunk_bytes:
+    if head is None:
         return None
-    return max(1, chunk_bytes // (4 * head.out_features))
+    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - _scored_from(model, batch))
+    return max(1, min(positions, chunk_bytes // (4 * head.out_features)))
 
 
 def token_nll(model, batch: dict, chunk_bytes: int | None = None):
-    """(per-position negative log-likelihood [rows, positions], labels) over the scored positions, with the
-    output head applied in chunks when the whole batch's fp32 logits would pass `chunk_bytes` (each chunk
-    recomputed in the backward pass, so only one chunk's logits exist at a time). Same values and
-    gradients as the one-call path, up to float summation order."""
-    import torch
+    """(per-position negative log-likelihood [rows, positions], labels) over the scored positions. The
+    output head runs inside the model's forward a chunk of positions at a time (loss_chunk_positions), and
+    the backward pass recomputes one chunk's logits at a time (_head_nll): the batch's logits never exist
+    at once. Same values and gradients as F.cross_entropy on the model's logits, up to float summation
+    order; models whose logits are not the head's plain output take that plain path."""
     import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
     step = loss_chunk_positions(model, batch, chunk_bytes)
     if step is None:
@@ -480,15 +479,83 @@ def token_nll(model, batch: dict, chunk_bytes: int | None = None):
     labels = batch["labels"][:, start:]
     flat_labels = labels.flatten()
 
-    def chunked_nll(hidden):   # run by the model's forward in place of its head (see _HeadAs)
-        flat = hidden.flatten(0, 1)
-        pieces = [checkpoint(_chunk_nll, flat[a:a + step], head.weight, head.bias, flat_labels[a:a + step],
-                             use_reentrant=False) for a in range(0, flat.shape[0], step)]
-        return torch.cat(pieces)
+    def head_nll(hidden):   # run by the model's forward in place of its head (see _HeadAs)
+        return _head_nll(hidden.flatten(0, 1), head.weight, head.bias, flat_labels, step)
 
-    with _HeadAs(head, chunked_nll):
+    with _HeadAs(head, head_nll):
         nll = forward_logits(model, batch, start)
     return nll.view(labels.shape), labels
+
+
+def _head_nll(hidden, weight, bias, labels, step: int):
+    """Per-position NLL of `labels` under softmax(hidden @ weight.T + bias), computed `step` positions at a
+    time (0 for positions labelled -100). Works like F.linear + F.cross_entropy (under autocast, in its
+    dtype; the log-softmax in fp32), but keeps only each position's log-sum-exp for the backward pass,
+    which recomputes one chunk's logits at a time and turns them into the gradient in place."""
+    return _head_nll_fn().apply(hidden, weight, bias, labels, step)
+
+
+@functools.lru_cache(maxsize=None)
+def _head_nll_fn():
+    import torch
+    import torch.nn.functional as F
+
+    def compute_dtype(hidden, weight):
+        device = hidden.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+    class HeadNLL(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, labels, step):
+            dtype = compute_dtype(hidden, weight)
+            with torch.autocast(hidden.device.type, enabled=False):
+                h, w = hidden.to(dtype), weight.to(dtype)
+                b = None if bias is None else bias.to(dtype)
+                keep = labels != -100
+                target = torch.where(keep, labels, 0).unsqueeze(1)
+                lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+                nll = torch.empty_like(lse)
+                for a in range(0, h.shape[0], step):
+                    z = F.linear(h[a:a + step], w, b).float()
+                    torch.logsumexp(z, 1, out=lse[a:a + step])
+                    torch.sub(lse[a:a + step], z.gather(1, target[a:a + step]).squeeze(1), out=nll[a:a + step])
+                nll.masked_fill_(~keep, 0.0)
+            ctx.save_for_backward(h, w, b, keep, target, lse)
+            ctx.step = step
+            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            return nll
+
+        @staticmethod
+        def backward(ctx, grad):
+            h, w, b, keep, target, lse = ctx.saved_tensors
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            step = ctx.step
+            one = step >= h.shape[0]  # a single chunk
+            scale = torch.where(keep, grad.float(), 0.0).unsqueeze(1)  # no gradient for unlabelled positions
+            gh = torch.empty_like(h) if need_h else None
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w and not one else None
+            gb = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+            with torch.autocast(h.device.type, enabled=False):
+                for a in range(0, h.shape[0], step):
+                    ha = h[a:a + step]
+                    p = F.linear(ha, w, b).float()
+                    p.sub_(lse[a:a + step].unsqueeze(1)).exp_()                     # softmax
+                    p.scatter_add_(1, target[a:a + step], torch.full_like(lse[a:a + step], -1.0).unsqueeze(1))
+                    p.mul_(scale[a:a + step])                                        # d loss / d logits
+                    d = p.to(w.dtype)
+                    if need_h:
+                        torch.mm(d, w, out=gh[a:a + step])
+                    if need_w and one:  # the head's gradient as autocast's F.linear computes it
+                        gw = d.t().mm(ha)
+                    elif need_w:  # summed over the chunks in fp32, from the fp32 gradient (adding a bf16
+                        gw.addmm_(p.t(), ha.float())  # product into fp32 takes a slow mixed-dtype pass)
+                    if need_b:
+                        gb.add_(d.sum(0, dtype=torch.float32))
+            hd, wd, bd = ctx.dtypes
+            return (None if gh is None else gh.to(hd), None if gw is None else gw.to(wd),
+                    None if gb is None else gb.to(bd), None, None)
+
+    return HeadNLL
 
 
 def scored_logps(model, batch: dict):

@@ -14,8 +14,9 @@ parameters, w the bytes of a master weight: 4 for fp32 and bf16-mixed, 2 for bf1
             bf16 and bf16-mixed; h hidden, kv key/value width, i MLP width; with gradient checkpointing
             tokens x layers x h + one layer's worth); + attention scores 2 x heads x length per token and
             layer with eager attention; + embeddings and the final norm, 2 tokens h a_bytes
-    logits  3 x tokens x vocab x 4 (fp32 logits, their log-softmax, its gradient); the loss never makes
-            more than lm.loss_chunk_bytes() of logits at once, so this part is capped at 3 x that
+    logits  3 x tokens x vocab x 4 (a chunk's logits in the compute dtype and in fp32, their gradient); the
+            loss never makes more than lm.loss_chunk_bytes() of fp32 logits at once (256 MB on a GPU),
+            so this part is capped at 3 x that
     lora    with --lora-dropout > 0, activations also hold the dropped copy and mask of each adapted
             module's input: tokens x (summed input width of the adapted modules) x (a_bytes + 1) (one layer's
             share of it with gradient checkpointing)

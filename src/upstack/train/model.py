@@ -6,16 +6,14 @@ from upstack.errors import CheckpointError, ConfigError
 from upstack.lm import (
     check_token_ids,
     checkpoint_dtype,
-    forward_scored,
     load_model,
     load_model_skeleton,
-    loss_chunk_positions,
     token_nll,
 )
 from upstack.train.config import TrainConfig, master_dtype
 from upstack.train.layers import freeze_for_training
 from upstack.train.lora import apply_lora, lora_enabled, quantization_config
-from upstack.train.metrics import trim_heap
+from upstack.train.metrics import release_mapped_pages, trim_heap
 from upstack.train.run import Run
 
 
@@ -40,6 +38,7 @@ def load_training_model(cfg: TrainConfig, max_token_id: int, run: Run) -> tuple:
         raise
     if cfg.qlora:
         trim_heap()  # the quantization's bf16 temporaries, freed but still held by the allocator
+        release_mapped_pages(cfg.model)  # the bf16 pages the 4-bit weights were quantized from
     input_dtype = checkpoint_dtype(cfg.model)
     check_token_ids(model, max_token_id)
     return model, input_dtype
@@ -157,12 +156,7 @@ def prepare_model(run: Run, model):
 
 def lm_loss(model, batch: dict):
     """Summed next-token cross-entropy over the batch's label tokens (labels are already shifted); the
-    output head runs a chunk of positions at a time when the logits would be large (lm.token_nll)."""
-    import torch.nn.functional as F
-
-    if loss_chunk_positions(model, batch) is not None:
-        nll, _ = token_nll(model, batch)
-        return nll.sum(), {}
-    logits, labels = forward_scored(model, batch)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, {}
+    output head runs a chunk of positions at a time, so the batch's logits never exist at once
+    (lm.token_nll)."""
+    nll, _ = token_nll(model, batch)
+    return nll.sum(), {}
