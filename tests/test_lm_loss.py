@@ -51,13 +51,14 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tmp_path, model_ty
     small = 4 * vocab * 5  # five positions per chunk
     positions = 3 * (17 - 4)
 
-    assert loss_chunk_positions(model, batch) == positions  # a tiny batch is one chunk by default
+    assert loss_chunk_positions(model, batch) is None  # a tiny batch takes the one-call path by default
     assert loss_chunk_positions(model, batch, small) == 5
+    assert loss_chunk_positions(model, batch, 4 * vocab * (positions - 1)) == positions - 1  # 2 chunks
     weights = torch.rand(3, 17 - 4)  # an uneven upstream gradient, as DPO's per-row terms give
     plain, labels = _plain_nll(model, batch)
     (plain * weights).sum().backward()
     want = _grads(model)
-    for chunk in (small, None):
+    for chunk in (small, 4 * vocab * (positions - 1)):
         model.zero_grad()
         chunked, labels2 = token_nll(model, batch, chunk)
         (chunked * weights).sum().backward()

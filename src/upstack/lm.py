@@ -395,9 +395,10 @@ def _scored_from(model, batch: dict) -> int:
 
 # The loss never makes more than this many bytes of fp32 logits at once: the output head runs on chunks of
 # positions (lm.token_nll; Mistral's 32k vocabulary x 4,096 tokens x batch 4 would be 2 GB of logits).
-# On accelerators large chunks keep the head's matrix products large and the kernel launches few; on CPU
-# small chunks cost no speed (measured: bench/lora.py's model, full and QLoRA, 8-32 MB chunks) and save
-# the memory. UPSTACK_LOSS_CHUNK_MB overrides both (a number of MB, fractions allowed).
+# Below one chunk the plain one-call path runs (nothing recomputed). On accelerators large chunks keep the
+# head's matrix products large and the kernel launches few; on CPU small chunks cost no speed (measured:
+# bench/lora.py's model, full and QLoRA, 8-32 MB chunks) and save the memory. UPSTACK_LOSS_CHUNK_MB
+# overrides both (a number of MB, fractions allowed).
 LOSS_CHUNK_BYTES = 256 << 20
 LOSS_CHUNK_BYTES_CPU = 16 << 20
 
@@ -450,23 +451,23 @@ class _HeadAs:
 
 
 def loss_chunk_positions(model, batch: dict, chunk_bytes: int | None = None) -> int | None:
-    """Positions per chunk of the loss's output head (as many as make `chunk_bytes` of fp32 logits,
-    loss_chunk_bytes() for the batch's device by default, at most the batch's scored positions); None when the model's logits
-    are not its head's plain output (soft-capping) and the loss takes them from the model's forward."""
+    """Positions per chunk of the loss's output head when the batch's fp32 logits would pass `chunk_bytes`
+    (loss_chunk_bytes() for the batch's device by default); None when they fit in one chunk, or when the
+    model's logits are not its head's plain output (soft-capping): then the plain one-call path runs."""
     chunk_bytes = chunk_bytes or loss_chunk_bytes(batch["input_ids"].device.type)
     head = _output_head(model)
-    if head is None:
-        return None
     positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - _scored_from(model, batch))
-    return max(1, min(positions, chunk_bytes // (4 * head.out_features)))
+    if head is None or positions * head.out_features * 4 <= chunk_bytes:
+        return None
+    return max(1, chunk_bytes // (4 * head.out_features))
 
 
 def token_nll(model, batch: dict, chunk_bytes: int | None = None):
-    """(per-position negative log-likelihood [rows, positions], labels) over the scored positions. The
-    output head runs inside the model's forward a chunk of positions at a time (loss_chunk_positions), and
-    the backward pass recomputes one chunk's logits at a time (_head_nll): the batch's logits never exist
-    at once. Same values and gradients as F.cross_entropy on the model's logits, up to float summation
-    order; models whose logits are not the head's plain output take that plain path."""
+    """(per-position negative log-likelihood [rows, positions], labels) over the scored positions. When the
+    batch's logits would pass one chunk (loss_chunk_positions), the output head runs inside the model's
+    forward a chunk of positions at a time and the backward pass recomputes one chunk's logits at a time
+    (_head_nll): the batch's logits never exist at once. Same values and gradients as the plain path
+    (F.cross_entropy on the model's logits, which runs below one chunk) up to float summation order."""
     import torch.nn.functional as F
 
     step = loss_chunk_positions(model, batch, chunk_bytes)
