@@ -163,18 +163,22 @@ def test_release_mapped_pages_hands_back_a_checkpoints_pages_and_keeps_their_con
         pytest.skip("no /proc/self/smaps (not Linux)")
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    path = folder / "model.safetensors"
+    path = tmp_path / "blobs" / "0123abcd"  # as in the Hub cache: the folder links to the file
+    path.parent.mkdir()
+    (folder / "model.safetensors").symlink_to(path)
     data = np.arange(8 << 20, dtype=np.int32)  # 32 MB
     data.tofile(path)
-    with open(path, "rb") as f:  # a private, writable mapping, as transformers maps a checkpoint
+    with open(folder / "model.safetensors", "rb") as f:  # a private, writable mapping, like transformers.
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     view = np.frombuffer(mapped, dtype=np.int32)
     assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read: resident
     view[123] = -7  # one page copied on write
     before = _rss_of(path)
     assert before >= 30 << 20
-    advised = release_mapped_pages(tmp_path / "elsewhere")
-    assert advised == 0 and _rss_of(path) == before  # only files under the folder named
+    other = tmp_path / "other"
+    other.mkdir()
+    assert release_mapped_pages(other) == release_mapped_pages(tmp_path / "missing") == 0
+    assert _rss_of(path) == before  # only the named checkpoint's files
     advised = release_mapped_pages(folder)
     if advised == 0:
         pytest.skip("madvise(MADV_PAGEOUT) not supported by this kernel (Linux 5.4+)")
@@ -186,3 +190,27 @@ def test_release_mapped_pages_hands_back_a_checkpoints_pages_and_keeps_their_con
     assert np.array_equal(view, expect)
     del view
     mapped.close()
+
+
+def test_checkpoint_files_of_a_hub_id_are_its_cached_blobs(tmp_path):
+    """A Hub id's files are found in the local cache (no network) and named by their real paths, the blobs
+    the snapshot links to, which is what the process's mappings show."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    rev = "0" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for name, blob in (("config.json", "aa11"), ("model.safetensors", "bb22")):
+        (repo / "blobs" / blob).write_text("x")
+        (snap / name).symlink_to(f"../../blobs/{blob}")
+    code = ("from upstack.train.metrics import _checkpoint_files as f; "
+            "print(sorted(f('org/tiny'))); print(sorted(f('org/absent')))")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found, absent = out.stdout.strip().splitlines()
+    assert found == str(sorted(os.path.realpath(repo / "blobs" / b) for b in ("aa11", "bb22")))
+    assert absent == "[]"

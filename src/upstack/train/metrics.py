@@ -174,17 +174,20 @@ def trim_heap() -> None:
         pass
 
 
-def release_mapped_pages(folder) -> int:
-    """Linux 5.4+: hand back the pages this process has read from files under `folder` through mmap
-    (madvise MADV_PAGEOUT; bytes advised returned, 0 where not supported). transformers reads a checkpoint
-    through a private mapping; after QLoRA quantizes the linear weights, the bf16 pages they were read from
-    stay mapped and counted in the process's memory (a 10.7B model's whole 21 GB) while only the
-    embeddings, head and norms are still used in place. Page-out is reclaim, not discard: clean pages are
-    read back from the file on their next access and any page written in place keeps its contents."""
+def release_mapped_pages(model) -> int:
+    """Linux 5.4+: hand back the pages this process has read through mmap from the files of checkpoint
+    `model` (a folder, or a Hub id in the local cache; madvise MADV_PAGEOUT; bytes advised returned, 0
+    where not supported). transformers reads a checkpoint through a private mapping; after QLoRA quantizes
+    the linear weights, the bf16 pages they were read from stay mapped and counted in the process's memory
+    (a 10.7B model's whole 21 GB) while only the embeddings, head and norms are still used in place.
+    Page-out is reclaim, not discard: clean pages are read back from the file on their next access and any
+    page written in place keeps its contents. Files are matched by their real path (the Hub cache's
+    snapshot files are links to its blobs, and the mappings name the blobs)."""
     import ctypes
-    import os
 
-    root = os.path.realpath(folder) + os.sep
+    files = _checkpoint_files(model)
+    if not files:
+        return 0
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -195,12 +198,31 @@ def release_mapped_pages(folder) -> int:
     advised = 0
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].rstrip("\n").startswith(root):
+        if len(parts) < 6 or parts[5].rstrip("\n") not in files:
             continue
         lo, hi = (int(x, 16) for x in parts[0].split("-"))
         if libc.madvise(lo, hi - lo, 21) == 0:  # MADV_PAGEOUT
             advised += hi - lo
     return advised
+
+
+def _checkpoint_files(model) -> set[str]:
+    """Real paths of the files in checkpoint folder `model`, or in a Hub id's cached snapshot."""
+    import os
+    from pathlib import Path
+
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(model), local_files_only=True))
+        except (ImportError, OSError, ValueError):
+            return set()
+    try:
+        return {os.path.realpath(f) for f in folder.iterdir() if f.is_file()}
+    except OSError:
+        return set()
 
 
 def reset_peak_rss() -> None:
