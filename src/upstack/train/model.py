@@ -156,7 +156,7 @@ def prepare_model(run: Run, model):
 
 def lm_loss(model, batch: dict):
     """Summed next-token cross-entropy over the batch's label tokens (labels are already shifted); the
-    output head runs a chunk of positions at a time, so the batch's logits never exist at once
+    output head runs a chunk of positions at a time when the batch's logits would pass one chunk
     (lm.token_nll)."""
     nll, _ = token_nll(model, batch)
     return nll.sum(), {}
