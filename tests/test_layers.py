@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("upstack.checkpoint",),
     ("upstack.lm",),
     ("upstack.data",),
-    ("upstack.upscale", "upstack.merge", "upstack.train", "upstack.evaluate", "upstack.base"),
+    ("upstack.upscale", "upstack.gguf", "upstack.merge", "upstack.train", "upstack.evaluate", "upstack.base"),
     ("upstack.pipeline", "upstack.report"),
     ("upstack.commands",),
     ("upstack.cli", "upstack.__main__"),

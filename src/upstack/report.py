@@ -89,7 +89,7 @@ def _flat_scores(results: dict) -> tuple[dict[str, float], dict[str, dict]]:
     return out, detail
 
 
-MODEL_TYPES = {"base", "upscale", "pretrain", "sft", "dpo", "merge", "merge-adapter"}  # stages that write a model
+MODEL_TYPES = {"base", "import", "upscale", "pretrain", "sft", "dpo", "merge", "merge-adapter"}  # stages that write a model
 
 
 def _parents(marker: dict, stages: dict[str, dict]) -> list[str]:

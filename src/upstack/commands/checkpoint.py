@@ -1,4 +1,4 @@
-"""`upstack upscale`, `upstack inspect`, `upstack verify`."""
+"""`upstack upscale`, `upstack import`, `upstack inspect`, `upstack verify`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,28 @@ examples:
 """
 
 
+IMPORT_HELP = """\
+Import a GGUF file (llama.cpp's format, usually quantized) as a plain Hugging Face folder.
+
+transformers reads the file: its config, its tokenizer and chat template, and every tensor dequantized
+from the file's quantization type (Q4_1, Q8_0, Q4_K, ...) into --dtype (default bfloat16). upstack writes
+them as sharded safetensors + index through the same writer as every other output (a temporary folder,
+renamed when complete), with config.json, the tokenizer files, generation_config.json, README.md and
+upstack.json. Both record the quantization the weights were dequantized from: they are the quantized
+model's values, not the original weights. Tied embeddings stay tied (no lm_head is written when the
+GGUF has none).
+
+Checked before any tensor is read (one line, exit 2): a truncated or corrupt file, an architecture
+transformers cannot map, a quantization type it cannot dequantize. Needs the gguf package
+(pip install upstack[gguf]).
+
+examples:
+  upstack import SmolLM2-135M-Instruct.Q4_1.gguf smollm2
+  upstack import model.Q4_K_M.gguf model-f32 --dtype float32 --shard-size 2GB
+  upstack import model.gguf out --dry-run --json        (the header only: architecture, types, size)
+"""
+
+
 def register(sub, common) -> None:
     p = sub.add_parser("upscale", parents=[common], help="depth up-scale a checkpoint (DUS, stack, interleave)",
                        description=UPSCALE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +78,17 @@ def register(sub, common) -> None:
     p.add_argument("--allow-unknown-arch", action="store_true",
                    help="try the generic 'model.layers.N.' pattern for an architecture not in the table (warns)")
     p.set_defaults(func=run_upscale)
+
+    p = sub.add_parser("import", parents=[common], help="import a GGUF file as a Hugging Face folder (dequantized)",
+                       description=IMPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a .gguf file")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (default) or float16")
+    p.add_argument("--shard-size", default="5GB", help="max shard size with units: 5GB (default), 500MB, 2GiB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help="read and check the header only; write nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_import)
 
     p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's architecture, sizes and dtypes",
                        description="Show architecture, layer count, hidden size, parameters, dtypes, bytes on "
@@ -114,6 +147,23 @@ def run_upscale(args) -> int:
     return 0
 
 
+def run_import(args) -> int:
+    from upstack.gguf import ImportConfig, import_gguf
+
+    report = import_gguf(ImportConfig(source=args.source, out=args.out, dtype=args.dtype, shard_size=args.shard_size,
+                                      overwrite=args.overwrite, dry_run=args.dry_run, quiet=args.quiet))
+    if args.json:
+        print_json(report)
+        return 0
+    types = ", ".join(f"{t} x{n}" for t, n in report["tensor_types"].items())
+    print(f"{report['source']}: {report['architecture']}, quantization {report['quantization']} ({types})")
+    print(f"parameters: {report['num_parameters']:,}; output {human_bytes(report['output_bytes'])} as {report['dtype']}"
+          + (f"; tied: {', '.join(report['tied'])} (not written)" if report.get("tied") else ""))
+    print("dry run: nothing written" if report["dry_run"] else
+          f"wrote {report['out']} (weights dequantized from {report['quantization']}: not the original weights)")
+    return 0
+
+
 def _short(v) -> str:
     s = str(v)
     return s if len(s) <= 80 else s[:77] + "..."
@@ -145,6 +195,10 @@ def run_inspect(args) -> int:
     if info["upstack"] and "upscale" in info["upstack"]:
         up = info["upstack"]["upscale"]
         rows.append(["upscaled from", f"{up.get('source')} ({up.get('method')})"])
+    if info["upstack"] and "import" in info["upstack"]:
+        imp = info["upstack"]["import"]
+        how = "dequantized: not the original weights" if imp.get("dequantized") else "unquantized"
+        rows.append(["imported from", f"{imp.get('source')} (GGUF {imp.get('quantization')}, {how})"])
     print(format_table(["field", "value"], rows))
     return 0
 

@@ -86,6 +86,16 @@ def estimate_base(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
     return {"config": cfg, "num_parameters": p, "num_hidden_layers": _layers(cfg), "disk_bytes": p * 4}
 
 
+def estimate_import(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """From the GGUF's header (no tensor read): its parameters, written in the stage's dtype."""
+    from upstack.checkpoint import DTYPE_SIZES, normalize_dtype
+    from upstack.gguf import read_gguf_info
+
+    info = read_gguf_info(st.resolved["source"])
+    dtype = normalize_dtype(str(st.resolved.get("dtype", "bfloat16")))
+    return {"num_parameters": info.num_parameters, "disk_bytes": info.num_parameters * DTYPE_SIZES[dtype]}
+
+
 def estimate_upscale(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
     """From the source stage's estimated config; else from the source folder's config.json (a dry-run upscale)."""
     opts = st.resolved
@@ -202,7 +212,7 @@ def estimate_model_user(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
 
 
 ESTIMATORS: dict[str, Callable[[Stage, Recipe, Estimates], dict]] = {
-    "base": estimate_base, "upscale": estimate_upscale,
+    "base": estimate_base, "import": estimate_import, "upscale": estimate_upscale,
     "pretrain": estimate_training, "sft": estimate_training, "dpo": estimate_training,
     "merge": estimate_merge, "eval": estimate_inference, "contamination": estimate_inference,
     "synth-math": estimate_model_user,

@@ -334,6 +334,36 @@ def _apply_sets(stages_raw: dict, sets: list[str], lines: dict, errors: list[str
         lines[("stages", sname, *path)] = where
 
 
+def _is_gguf(value) -> bool:
+    return isinstance(value, str) and value.lower().endswith(".gguf")
+
+
+def _add_gguf_imports(stages_raw: dict, lines: dict) -> None:
+    """A model input naming a .gguf file becomes the output of an `import` stage, `import_<file stem>`, which
+    imports it once into the run folder (one stage per file; its marker skips it on a re-run)."""
+    made: dict[str, str] = {}  # gguf path -> import stage
+    for sname, opts in list(stages_raw.items()):
+        if not isinstance(opts, dict) or opts.get("type", sname) == "import":
+            continue
+        for key in MODEL_KEYS:
+            value = opts.get(key)
+            items = value if isinstance(value, list) else [value]
+            paths = [(v.get("model") if isinstance(v, dict) else v) for v in items]
+            if not any(_is_gguf(p) for p in paths):
+                continue
+            for path in filter(_is_gguf, paths):
+                if path not in made:
+                    name = "import_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name[:-len(".gguf")])
+                    while name in stages_raw:
+                        name += "_"
+                    made[path] = name
+                    line = lines.get(("stages", sname, key), lines.get(("stages", sname)))
+                    stages_raw[name] = {"type": "import", "source": path, "_line": line}
+            swap = [({**v, "model": made[v["model"]]} if isinstance(v, dict) and _is_gguf(v.get("model"))
+                     else made[v] if _is_gguf(v) else v) for v in items]
+            stages_raw[sname] = opts = {**opts, key: swap if isinstance(value, list) else swap[0]}
+
+
 def _parse_stages(stages_raw: dict, lines: dict, errors: list[str]) -> dict[str, Stage]:
     """Stage name -> Stage with its type, written options and dependencies (no resolution yet)."""
     names = set(stages_raw)
@@ -448,6 +478,8 @@ def _model_errors(key: str, v: str, stages: dict, warnings: list[str]) -> list[s
     folder is most likely a misspelled stage (an error offline, a warning online, where it may be a hub id)."""
     if v.split("/", 1)[0] in stages:
         return []
+    if _is_gguf(v):
+        return [] if Path(v).expanduser().is_file() else [f"input {key}={v!r}: no such GGUF file"]
     if v.startswith((".", "/", "~")) or os.path.exists(v):
         return [] if Path(v).expanduser().exists() else [f"input {key}={v!r} does not exist and no stage makes it"
                                                          + _did_you_mean(v, stages)]
@@ -556,6 +588,7 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
     _expand_evaluate(raw, stages_raw, errors, lines)
     if sets:
         _apply_sets(stages_raw, sets, lines, errors)
+    _add_gguf_imports(stages_raw, lines)
     stages = _parse_stages(stages_raw, lines, errors)
     order = _toposort(stages, errors)
     run_dir = Path(run_dir) if run_dir else Path("runs") / name

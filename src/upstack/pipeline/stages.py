@@ -33,6 +33,8 @@ STAGE_TYPES: dict[str, StageType] = {
                                 check="upstack.data.rehearsal:check_config"),
     "base": StageType("upstack.base:build_base", "upstack.base:BaseConfig", checkpoint=True,
                       pipeline_fields={"overwrite": True}, check="upstack.base:check_base_config"),
+    "import": StageType("upstack.gguf:import_gguf", "upstack.gguf:ImportConfig", checkpoint=True,
+                        pipeline_fields={"overwrite": True, "quiet": True}, check="upstack.gguf:check_import_config"),
     "upscale": StageType("upstack.upscale:upscale", "upstack.upscale:UpscaleConfig", checkpoint=True,
                          pipeline_fields={"overwrite": True, "quiet": True},
                          check="upstack.upscale:check_upscale_config"),
