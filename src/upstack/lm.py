@@ -222,6 +222,22 @@ def load_for_inference(path: str, *, device: str | None = None, dtype: str = "au
     return model, tok
 
 
+def load_adapter(model, adapter: str, base: str):
+    """A PEFT LoRA adapter on a loaded model, not merged (PEFT runs its layers beside the base's), after the
+    adapter gate (strict header, no pickle) and a check that it fits the base checkpoint `base`."""
+    from upstack.checkpoint.adapter import check_adapter_matches, open_adapter
+
+    found = open_adapter(adapter)
+    if Path(base).is_dir():
+        check_adapter_matches(found, open_checkpoint(base), str(base))
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load adapter {adapter}: {_first_line(e)}") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # Compatibility of tokenizers and models
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from upstack.arch import format_layer_ranges, layer_runs
 from upstack.evaluate.contamination import VERDICT_TEXT, verdict
+from upstack.evaluate.generate import replies_table
 from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
 from upstack.evaluate.results import primary_metrics
 from upstack.evaluate.tasks.registry import H6_BY_TASK
@@ -106,7 +107,8 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
 
     models {model: {metric key: value}} keeps the full metric keys; details {model: {key: {stderr, n}}},
     labels {key: the short label the tables show}, contamination {model: {benchmark: what the test used
-    and found}}, parents {model: [the models it started from]}.
+    and found}}, replies {model: [its greedy replies to the eval's samples]}, parents {model: [the models
+    it started from]}.
     """
     run_dir = Path(run_dir)
     stages = {}
@@ -121,6 +123,7 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
     details: dict[str, dict] = {}
     groups: dict[str, str] = {}
     contamination: dict[str, dict] = {}
+    replies: dict[str, list[dict]] = {}
     for name, m in stages.items():
         if m["type"] == "eval":
             res = _read_json(run_dir / name / "results.json") or {}
@@ -132,6 +135,8 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
             details.setdefault(model_stage, {}).update({prefix + k: v for k, v in detail.items()})
             if m["config"].get("preference_group"):
                 groups[prefix] = str(m["config"]["preference_group"])
+            if res.get("replies"):
+                replies.setdefault(model_stage, []).extend(res["replies"])
         if m["type"] == "contamination":
             res = _read_json(run_dir / name / "contamination.json") or {}
             model_stage = Path(str(m["config"].get("model", name))).name
@@ -159,7 +164,7 @@ def collect(run_dir: Path, stage_order: list[str] | None = None) -> dict:
                                                     "finished": v.get("finished"), "result": v.get("result")}
                                                 for k, v in stages.items()},
             "models": models, "details": details, "labels": metric_labels(keys, groups),
-            "contamination": contamination,
+            "contamination": contamination, "replies": replies,
             "parents": {k: _parents(v, stages) for k, v in stages.items() if v["type"] in MODEL_TYPES},
             "layer_maps": layer_maps, "final_metrics": {k: _final(v) for k, v in curves.items()}}
 
@@ -563,6 +568,7 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
     types = {k: v["type"] for k, v in data["stages"].items()}
     plots = _plot(run_dir, curves, types) if curves else []
     lines = [*_header(run_dir, recipe), *_reading_section(data), *_score_sections(data, recipe),
+             *replies_table(data["replies"]),
              *_contamination_section(data["contamination"]), *_decontamination_section(data["stages"]),
              *_training_section(data["final_metrics"])]
     for p in plots:

@@ -180,6 +180,11 @@ def register(sub, common) -> None:
     p.add_argument("--template", choices=["auto", "chat", "alpaca"], default="auto",
                    help="how --preference renders pairs: the tokenizer's chat template (chat), the SOLAR "
                         "'### User:' format (alpaca), or chat when the tokenizer has one (auto, default)")
+    p.add_argument("--sample", action="append", metavar="PROMPT",
+                   help="a prompt whose greedy reply goes into the results (chat template when the tokenizer has "
+                        "one; repeatable); a recipe's eval entry lists them as samples:")
+    p.add_argument("--sample-max-new-tokens", type=int, default=64,
+                   help="longest reply to a --sample prompt, in tokens (default 64)")
     p.add_argument("--output", "-o", help="write results JSON here (and a markdown table next to it, .md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--log-samples", action="store_true",
@@ -265,7 +270,8 @@ def run_eval(args) -> int:
         max_length=args.max_length, max_gen_toks=args.max_gen_toks, apply_chat_template=args.apply_chat_template,
         seed=args.seed, perplexity=args.perplexity or [], text_field=args.text_field, stride=args.stride,
         preference=args.preference or [], preference_reference=args.preference_reference,
-        preference_group=args.preference_group, template=args.template,
+        preference_group=args.preference_group, template=args.template, samples=args.sample or [],
+        sample_max_new_tokens=args.sample_max_new_tokens,
         output=args.output, overwrite=args.overwrite, log_samples=args.log_samples, quiet=args.quiet,
         allow_pickle=args.allow_pickle,
     )

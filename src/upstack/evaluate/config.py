@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from upstack.data.chat import TEMPLATES as CHAT_TEMPLATES
-from upstack.errors import ConfigError
+from upstack.errors import ConfigError, DataError
+from upstack.evaluate.generate import check_prompt
 from upstack.evaluate.tasks.registry import LOCAL_TASKS, check_local_names, expand_tasks
 
 
@@ -39,6 +40,8 @@ class EvalConfig:
     preference_reference: str | None = None  # model whose log-probs give the DPO implicit reward (e.g. the SFT model)
     preference_group: str | None = None  # row field to break preference metrics down by (e.g. kind)
     template: str = "auto"  # chat template for --preference: auto | chat | alpaca (as for sft/dpo)
+    samples: list[str | dict[str, Any]] = field(default_factory=list)  # prompts: greedy replies go into the results
+    sample_max_new_tokens: int = 64  # the longest reply to a sample prompt, in tokens
     output: str | None = None  # results JSON (a markdown table is written next to it, .md)
     overwrite: bool = False  # replace an existing `output` (refused otherwise, before any work)
     log_samples: bool = False  # per-document records beside `output`: samples_<task>_<time>.jsonl, as lm-eval writes
@@ -53,8 +56,16 @@ def check_config(cfg: EvalConfig) -> None:
     that the folders, files and models exist.
     """
     names = expand_tasks(cfg)
-    if not names and not cfg.perplexity and not cfg.preference:
-        raise ConfigError("nothing to do: give --tasks (e.g. h6), --perplexity FILE and/or --preference FILE")
+    if not names and not cfg.perplexity and not cfg.preference and not cfg.samples:
+        raise ConfigError("nothing to do: give --tasks (e.g. h6), --perplexity FILE, --preference FILE and/or "
+                          "--sample PROMPT")
+    for i, row in enumerate(cfg.samples):
+        try:
+            check_prompt(row, f"samples[{i}]")
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.sample_max_new_tokens < 1:
+        raise ConfigError(f"sample_max_new_tokens must be at least 1, got {cfg.sample_max_new_tokens}")
     for flag, files in (("--task-file", cfg.task_files), ("--fewshot-file", cfg.fewshot_files)):
         for k in files:
             if k not in LOCAL_TASKS:

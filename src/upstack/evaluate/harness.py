@@ -34,6 +34,7 @@ from upstack.evaluate.bridge import (
     write_samples,
 )
 from upstack.evaluate.config import EvalConfig, check_config
+from upstack.evaluate.generate import check_prompt, generate_replies
 from upstack.evaluate.perplexity import perplexity
 from upstack.evaluate.preference import preference
 from upstack.evaluate.results import (
@@ -80,7 +81,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     Results (stable keys, see docs/evaluation.md): format, model, date, config, tasks, results
     {task: {metric: value, metric_stderr: value}}, groups, n_samples, num_fewshot, data_files, h6,
-    perplexity, preference, versions, and with `log_samples` samples {task: samples file}. Under `accelerate launch`, only the main process returns results ({} elsewhere).
+    perplexity, preference, replies (greedy replies to `samples`), versions, and with `log_samples` samples
+    {task: samples file}. Under `accelerate launch`, only the main process returns results ({} elsewhere).
     """
     check_config(cfg)
     if cfg.output:
@@ -96,7 +98,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out: dict[str, Any] = {"format": RESULTS_FORMAT, "model": cfg.model, "date": started,
                            "config": dataclasses.asdict(cfg), "tasks": names, "results": {}, "groups": {},
                            "n_samples": {}, "num_fewshot": {}, "data_files": {}, "h6": None, "perplexity": {},
-                           "preference": {}}
+                           "preference": {}, "replies": []}
     lm = None
     if names:
         lm = _run_tasks(cfg, names, out)
@@ -140,7 +142,7 @@ def _score_files(cfg: EvalConfig, lm, out: dict) -> None:
     """Perplexity and preference files into `out`, with the harness's model when it has one loaded."""
     hf = getattr(lm, "model", None) if cfg.backend == "hf" and lm is not None else None
     model, tokenizer = (hf, getattr(lm, "tokenizer", None)) if hf is not None else (cfg.model, None)
-    if (cfg.perplexity or cfg.preference) and hf is None:
+    if (cfg.perplexity or cfg.preference or cfg.samples) and hf is None:
         model, tokenizer = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                               allow_pickle=cfg.allow_pickle)
     batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1
@@ -149,6 +151,10 @@ def _score_files(cfg: EvalConfig, lm, out: dict) -> None:
         out["perplexity"][f] = perplexity(model, f, tokenizer=tokenizer, text_field=cfg.text_field,
                                           max_length=cfg.max_length, stride=cfg.stride, batch_size=batch,
                                           limit=limit)
+    if cfg.samples:  # greedy replies to the sample prompts, for the report's side-by-side view
+        rows = [check_prompt(r, f"samples[{i}]") for i, r in enumerate(cfg.samples)]
+        out["replies"] = generate_replies(model, tokenizer, rows, max_new_tokens=cfg.sample_max_new_tokens,
+                                          where="samples")
     if not cfg.preference:
         return
     ref = ref_tok = None

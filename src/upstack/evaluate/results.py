@@ -109,6 +109,8 @@ def markdown_table(out: dict) -> str:
             for m in PREFERENCE_METRICS:
                 if m in q:
                     lines.append(f"| {label} | {m} | {q[m]:.4f} | | {q['scored']} | |")
+    for r in out.get("replies") or []:
+        lines += ["", f"> {r.get('prompt') or r['messages'][-1]['content']}", "", r["reply"]]
     return "\n".join(lines) + "\n"
 
 
