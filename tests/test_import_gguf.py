@@ -183,5 +183,5 @@ def test_recipe_missing_gguf_is_reported_with_its_line(tmp_path, capsys):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: g\nstages:\n  upscale:\n    source: ./nope.gguf\n    m: 1\n")
-    with pytest.raises(ConfigError, match=r"line 4: stage 'import_nope': input source='./nope.gguf': no such GGUF file"):
+    with pytest.raises(ConfigError, match=r"line 4: stage 'import_nope': input source='./nope.gguf': no such file \(a GGUF model source\)"):
         load_recipe(recipe, run_dir=tmp_path / "run")

@@ -479,7 +479,7 @@ def _model_errors(key: str, v: str, stages: dict, warnings: list[str]) -> list[s
     if v.split("/", 1)[0] in stages:
         return []
     if _is_gguf(v):
-        return [] if Path(v).expanduser().is_file() else [f"input {key}={v!r}: no such GGUF file"]
+        return [] if Path(v).expanduser().is_file() else [f"input {key}={v!r}: no such file (a GGUF model source)"]
     if v.startswith((".", "/", "~")) or os.path.exists(v):
         return [] if Path(v).expanduser().exists() else [f"input {key}={v!r} does not exist and no stage makes it"
                                                          + _did_you_mean(v, stages)]
