@@ -160,10 +160,14 @@ def _terminal_stream(tokenizer, show: bool):
     """A streamer printing each reply as it is generated, under a '>>> prompt' line."""
     from transformers import TextStreamer
 
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            print(text, flush=True, end="\n\n" if stream_end else "")  # a blank line after each reply
+
     def stream(row):
         text = row.get("prompt") or row["messages"][-1]["content"]
         print(f">>> {text}", flush=True)
-        return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     return stream if show else None
 
