@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -14,6 +15,7 @@ from upstack.evaluate.generate import replies_table
 from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
 from upstack.evaluate.results import primary_metrics
 from upstack.evaluate.tasks.registry import H6_BY_TASK
+from upstack.outputs import write_file
 
 # The file in each stage folder that records a completed stage (written by the pipeline, read here). It
 # lives here, the lower of the two modules, so that the pipeline imports it without a cycle.
@@ -552,10 +554,12 @@ def _plot(run_dir: Path, curves: dict[str, list[dict]], types: dict[str, str]) -
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
-            fig.savefig(run_dir / fname, dpi=110)
+            png = io.BytesIO()
+            fig.savefig(png, format="png", dpi=110)
             plt.close(fig)
+            write_file(run_dir / fname, png.getvalue())
             index[fname] = digest
-        (run_dir / PLOT_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        write_file(run_dir / PLOT_INDEX, json.dumps(index, indent=1) + "\n")
     return written
 
 
@@ -574,7 +578,6 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
     for p in plots:
         lines += [f"![{p}]({p})", ""] + ([PLOT_NOTES[p], ""] if p in PLOT_NOTES else [])
     lines += [*_layer_map_sections(data["layer_maps"]), *_timings_section(data["stages"])]
-    (run_dir / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    out = run_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    # written as new files renamed into place: a link planted at one of these names is refused, never followed
+    write_file(run_dir / "results.json", json.dumps(data, indent=2, default=str) + "\n")
+    return write_file(run_dir / "report.md", "\n".join(lines) + "\n")

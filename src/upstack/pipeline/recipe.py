@@ -552,6 +552,23 @@ def _input_errors(st: Stage, stages: dict, warnings: list[tuple[str, str]] | Non
 # Entry points
 # --------------------------------------------------------------------------------------------------
 
+def _recipe_name(value: Any, path: Path, lines: dict) -> str:
+    """The recipe's `name`: a folder name (the default run folder is runs/<name>), never a path."""
+    line = lines.get(("name",))
+    where = f"{path} line {line}" if line else str(path)
+    if value is None or value == "":
+        value = path.stem
+    if not isinstance(value, str):
+        kinds = {dict: "a mapping", list: "a list", bool: "true/false", int: "a number", float: "a number"}
+        kind = kinds.get(type(value), f"a {type(value).__name__}")
+        raise ConfigError(f"{where}: name must be text (a folder name under runs/), not {kind}: {value!r}"
+                          if len(repr(value)) < 60 else f"{where}: name must be text (a folder name), not {kind}")
+    if value in (".", "..") or any(c in value for c in "/\\\0") or os.path.isabs(value):
+        raise ConfigError(f"{where}: name {value!r} is a name, not a path (no '/', '\\', '.' or '..'); choose "
+                          f"the run folder with --out")
+    return value
+
+
 def builtin_recipe_path(path: str | Path) -> Path:
     """`path` itself when it exists; else, for `NAME`, `NAME.yaml` or `recipes/NAME.yaml`, the recipe of that
     name shipped in the package (so `upstack run recipes/tiny-solar.yaml` works from any folder)."""
@@ -580,7 +597,7 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
         errors.append(f"line {lines.get((key,), '?')}: unknown top-level key {key!r} "
                       f"(known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     raw = _apply_profile(raw, profile, path)
-    name = raw.get("name") or path.stem
+    name = _recipe_name(raw.get("name"), path, lines)
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise ConfigError(f"{path}: 'stages' must be a non-empty mapping of stage name -> options")

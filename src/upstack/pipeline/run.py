@@ -14,8 +14,9 @@ import time
 from upstack.config import config_from_dict, config_to_dict
 from upstack.errors import ConfigError, UpstackError
 from upstack.hub import hide_hub_progress_bars
-from upstack.outputs import output_lock, write_text_atomic
+from upstack.outputs import output_lock, write_file, write_text_atomic
 from upstack.pipeline.fingerprint import stage_done, stage_fingerprint
+from upstack.pipeline.folders import claim_stage, prepare_run_folder
 from upstack.pipeline.plan import disk_need, estimate_stage
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import (
@@ -96,16 +97,18 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
         log = _silent  # one copy of each line per launch, not one per process
     force = _forced_stages(recipe, from_stage, only)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    # One `upstack run` per run folder: the main process holds its lock until the last stage is done.
-    with output_lock(recipe.run_dir, "run") if main else contextlib.nullcontext():
+    # One `upstack run` per run folder: the main process holds its lock until the last stage is done. The
+    # lock is taken on the real path, so a run folder given through a symbolic link takes the same lock.
+    with output_lock(recipe.run_dir.resolve(), "run") if main else contextlib.nullcontext():
         return _run_stages(recipe, state, force, only, quiet, report, log)
 
 
 def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet: bool, report: bool, log) -> dict:
     main = state is None or state.is_main_process
     hide_hub_progress_bars()  # each stage says when it starts and ends; per-file loading bars are noise here
-    if main:
-        (recipe.run_dir / "recipe.yaml").write_text(recipe.path.read_text())
+    if main:  # a run replaces only what a run made: anything else in the way is refused before any stage runs
+        prepare_run_folder(recipe, [st for st in recipe.stages.values() if not only or st.name == only])
+        write_file(recipe.run_dir / "recipe.yaml", recipe.path.read_text())
     summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
     sizes: dict[str, dict] = {}
     for st in recipe.stages.values():
@@ -116,6 +119,8 @@ def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet:
             log(f"[{st.name}] up to date, skipped")
             summary["stages"][st.name] = "skipped"
             continue
+        if main:
+            claim_stage(recipe, st)
         log(f"[{st.name}] running {st.type} -> {st.folder}")
         started = time.time()
         with _heartbeat(st.name, log if main else None):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from upstack.errors import UpstackError
+from upstack.outputs import open_nofollow, refuse_link, write_file
 
 log = logging.getLogger("upstack.train")
 
@@ -31,10 +32,11 @@ class MetricsLog:
         self.trackers: list = []
         if not enabled:
             return
+        refuse_link(self.path)  # never read or written through a link planted in the work folder
         self.trackers = start_trackers(trackers, run_name, config or {})
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        self.fh = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
+        self.fh = open_nofollow(self.path, "a" if resume_step is not None else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -54,7 +56,7 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if rec.get("step") is None or rec["step"] <= step:
                 kept.append(json.dumps(rec))
-        self.path.write_text("".join(k + "\n" for k in kept))
+        write_file(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
         global _TB_NOTED
