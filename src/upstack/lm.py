@@ -39,14 +39,29 @@ DEFAULT_MAX_POSITIONS = 2048
 # ------------------------------------------------------------------------------------------------
 # Paths: the one check every command makes before it loads a model
 
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot folder of a Hub model already in the Hugging Face cache, if any."""
+def _cached_snapshot(repo_id: str, filename: str = "config.json") -> Path | None:
+    """The local snapshot folder of a Hub repository already in the Hugging Face cache, if any."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(repo_id, "config.json")
+    found = try_to_load_from_cache(repo_id, filename)
     return Path(found).parent if isinstance(found, str) else None
+
+
+def local_or_cached(path: str, what: str = "model", marker: str = "config.json") -> Path | None:
+    """The local folder `path` names: itself, or for a Hub id the cached snapshot holding `marker` when offline
+    (CheckpointError if none); None for a Hub id online (fetched when loaded)."""
+    p = Path(path)
+    if not p.exists() and is_hub_id(path):
+        if not hub_offline():
+            return None
+        cached = _cached_snapshot(path, marker)
+        if cached is None:
+            raise CheckpointError(f"{what} {path}: no such folder (it is not a local folder, and the Hugging Face "
+                                  f"Hub is offline: {offline_reason()}, and it is not in the local cache)")
+        return cached
+    return p
 
 
 def check_model_path(path: str, what: str = "model", *, allow_pickle: bool = False) -> None:
@@ -54,20 +69,14 @@ def check_model_path(path: str, what: str = "model", *, allow_pickle: bool = Fal
 
     A local folder must hold config.json and pass the checkpoint gate (`open_checkpoint`); a Hub id is
     accepted online (transformers fetches it) and offline only when the cache already holds it."""
-    p = Path(path)
-    if not p.exists() and is_hub_id(path):
-        if not hub_offline():
-            return
-        cached = _cached_snapshot(path)
-        if cached is None:
-            raise CheckpointError(f"{what} {path}: no such folder (it is not a local folder, and the Hugging Face "
-                                  f"Hub is offline: {offline_reason()}, and the model is not in the local cache)")
-        p = cached
+    p = local_or_cached(path, what)
+    if p is None:
+        return
     if not p.exists():
         raise CheckpointError(f"{what} {path}: no such folder")
     if not p.is_dir():
         raise CheckpointError(f"{what} {path}: not a folder (expected a Hugging Face checkpoint folder)")
-    if not (p / "config.json").is_file():
+    if not (p / "config.json").exists():
         raise CheckpointError(f"{what} {path}: not a loadable checkpoint folder (no config.json)")
     try:
         open_checkpoint(p, allow_pickle=allow_pickle, weights_required=True)

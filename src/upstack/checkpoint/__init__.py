@@ -5,7 +5,7 @@ a surgery stage.
 Modules: dtypes (safetensors dtype names), reader (open_checkpoint, TensorRef, byte reads), blocks
 (block-wise reads for the streaming merge), tokenizer_files (comparing two folders' tokenizers),
 writer (TensorPlan, write_checkpoint), adapter (a PEFT LoRA adapter merged into a base as a tensor
-plan), finish (write_surgery_output), verify (inspect/verify).
+plan), adapter_config (an adapter folder's gate, a LoRA config's values, bounded pattern matching), finish (write_surgery_output), verify (inspect/verify).
 """
 
 from upstack.checkpoint.adapter import (
@@ -17,6 +17,7 @@ from upstack.checkpoint.adapter import (
     open_adapter,
     plan_adapter_merge,
 )
+from upstack.checkpoint.adapter_config import check_adapter_folder
 from upstack.checkpoint.blocks import TensorBlockReader
 from upstack.checkpoint.dtypes import (
     DTYPE_ALIASES,
@@ -36,6 +37,7 @@ from upstack.checkpoint.reader import (
     Checkpoint,
     TensorRef,
     aux_files,
+    check_tokenizer_folder,
     checked_file,
     load_tensor,
     open_checkpoint,
@@ -61,7 +63,7 @@ from upstack.checkpoint.writer import (
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "adapter_summary", "open_adapter", "merge_threads", "plan_adapter_merge",
-    "AUX_FILE_PATTERNS", "DTYPE_ALIASES", "DTYPE_SIZES", "MAX_HEADER_BYTES", "TORCH_DTYPE_NAMES", "Checkpoint",
+    "check_adapter_folder", "check_tokenizer_folder", "AUX_FILE_PATTERNS", "DTYPE_ALIASES", "DTYPE_SIZES", "MAX_HEADER_BYTES", "TORCH_DTYPE_NAMES", "Checkpoint",
     "TensorBlockReader", "TensorPlan", "TensorRef", "assign_shards", "aux_files", "checked_file", "check_same_tokenizer_files",
     "cast_plan", "check_surgery_output", "copy_aux_files", "inspect_checkpoint", "load_tensor", "meta_model", "model_card_front_matter",
     "normalize_dtype", "open_checkpoint", "read_config", "read_index", "read_safetensors_header",

@@ -6,6 +6,11 @@ r and alpha from rank_pattern / alpha_pattern). DoRA adds a magnitude vector m a
 row: W' = m / ||W + s B A||_row * (W + s B A). Modules saved whole (`modules_to_save`, trained biases)
 replace the base tensor. Every other tensor is a byte-range copy of the base.
 
+As in PEFT, the config's r (or its rank_pattern) must be the tensors' rank, and `fan_in_fan_out` follows
+the module's type, not the config: nn.Linear stores W as (out, in) and PEFT ignores the flag for it; the
+Conv1D of GPT-2-style models stores (in, out) and PEFT sets the flag for it. Module names are checked
+against the base before any rank/alpha pattern is matched (adapter_config: bounded matching).
+
 Unlike PEFT's `merge_and_unload`, which needs the whole model in memory, each merged tensor is computed
 in row chunks in fp32 and written in the base's dtype, so memory stays bounded by a chunk of the largest
 tensor. The adapter itself (small) is read through the same strict safetensors reader as checkpoints.
@@ -13,8 +18,6 @@ tensor. The adapter itself (small) is read through the same strict safetensors r
 
 from __future__ import annotations
 
-import json
-import math
 import queue
 import re
 import threading
@@ -22,8 +25,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from upstack.checkpoint.adapter_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_WEIGHTS,
+    PatternMatcher,
+    module_scale,
+    read_lora_config,
+)
 from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
-from upstack.checkpoint.finite import all_finite, nonfinite_error
+from upstack.checkpoint.finite import NONFINITE_FLAG, all_finite, nonfinite_error
 from upstack.checkpoint.reader import (
     Checkpoint,
     TensorRef,
@@ -35,8 +46,9 @@ from upstack.checkpoint.reader import (
 from upstack.checkpoint.writer import TensorPlan, source_plan
 from upstack.errors import CheckpointError
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Model types whose adapted projections are transformers' Conv1D (weights stored in x out; their lm_head
+# is an nn.Linear): PEFT merges these with fan_in_fan_out whatever the config says.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 PEFT_PREFIX = "base_model.model."
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 CHUNK_BYTES = 4 << 20   # output bytes handed to the writer at once (whole rows)
@@ -123,6 +135,11 @@ class LoraModule:
     b: TensorRef | None = None
     magnitude: TensorRef | None = None
     scale: float = 0.0
+    transposed: bool = False         # the base stores W as (in, out): a Conv1D module (fan_in_fan_out)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
 
 
 @dataclass
@@ -131,55 +148,24 @@ class Adapter:
     config: dict
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replaced: dict[str, TensorRef] = field(default_factory=dict)  # base tensor name -> adapter tensor
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out"))
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern: a key matches a module whose name ends with it (as a regex)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def read_adapter_config(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    checked_file(folder, path)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot parse ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    kind = str(cfg.get("peft_type", "")).upper()
-    if kind != "LORA":
-        raise CheckpointError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA adapters, "
-                              "including rsLoRA and DoRA, can be merged)")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise CheckpointError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
-    return cfg
+    rank_patterns: list = field(default_factory=list)   # [(key, rank, matcher)] (adapter_config)
+    alpha_patterns: list = field(default_factory=list)  # [(key, alpha, matcher)]
 
 
 def open_adapter(folder: str | Path) -> Adapter:
-    """Read and check an adapter folder: config, then the strict header of its safetensors file."""
+    """Read and check an adapter folder: config (adapter_config.read_lora_config), then the strict header of
+    its safetensors file and the shapes of its LoRA pairs. Ranks and scales are resolved against the base
+    (plan_adapter_merge)."""
     folder = Path(folder)
-    cfg = read_adapter_config(folder)
+    cfg, rank_patterns, alpha_patterns = read_lora_config(folder)
     weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            raise CheckpointError(f"{folder}: the adapter is a pickled adapter_model.bin, which can run code when "
+    if not weights.exists():
+        if (folder / ADAPTER_PICKLE).exists():
+            raise CheckpointError(f"{folder}: the adapter is a pickled {ADAPTER_PICKLE}, which can run code when "
                                   "loaded; convert it to safetensors first")
         raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
     checked_file(folder, weights)
-    adapter = Adapter(folder, cfg)
-    rslora = bool(cfg.get("use_rslora"))
+    adapter = Adapter(folder, cfg, rank_patterns=rank_patterns, alpha_patterns=alpha_patterns)
     for name, ref in read_safetensors_header(weights).items():
         if not name.startswith(PEFT_PREFIX):
             raise CheckpointError(f"{weights}: tensor {name!r} is not under {PEFT_PREFIX!r} (not a PEFT LoRA file)")
@@ -197,28 +183,34 @@ def open_adapter(folder: str | Path) -> Adapter:
     for mod in adapter.modules.values():
         if mod.a is None or mod.b is None:
             raise CheckpointError(f"{weights}: module {mod.module} has only one of lora_A / lora_B")
-        r = mod.a.shape[0]
-        if len(mod.a.shape) != 2 or len(mod.b.shape) != 2 or mod.b.shape[1] != r:
+        if len(mod.a.shape) != 2 or len(mod.b.shape) != 2 or mod.b.shape[1] != mod.a.shape[0]:
             raise CheckpointError(f"{weights}: module {mod.module}: lora_A {list(mod.a.shape)} and lora_B "
-                                  f"{list(mod.b.shape)} do not form a rank-{r} product")
-        alpha = _pattern_value(cfg.get("alpha_pattern"), mod.module, cfg["lora_alpha"])
-        mod.scale = alpha / math.sqrt(r) if rslora else alpha / r
+                                  f"{list(mod.b.shape)} do not form a rank-{mod.a.shape[0]} product")
+        if mod.rank == 0:
+            raise CheckpointError(f"{weights}: module {mod.module}: lora_A {list(mod.a.shape)} has rank 0")
     if not adapter.modules and not adapter.replaced:
         raise CheckpointError(f"{weights}: the adapter holds no tensors")
     return adapter
 
 
-def _weight_shape(mod: LoraModule, fan_in_fan_out: bool) -> tuple[int, int]:
+def _weight_shape(mod: LoraModule) -> tuple[int, int]:
     out_f, in_f = mod.b.shape[0], mod.a.shape[1]
-    return (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+    return (in_f, out_f) if mod.transposed else (out_f, in_f)
+
+
+def stored_transposed(base_config: dict, module: str) -> bool:
+    """Whether the base stores `module`'s weight as (in, out): a Conv1D (PEFT then merges with fan_in_fan_out
+    True, and with False for an nn.Linear, whatever the adapter's config says)."""
+    return base_config.get("model_type") in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] != "lm_head"
 
 
 def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -> None:
     """Every adapted module and replaced tensor must exist in the base with the adapter's shapes."""
     problems = []
     for mod in adapter.modules.values():
+        mod.transposed = stored_transposed(base.config, mod.module)
         ref = base.tensors.get(f"{mod.module}.weight")
-        want = _weight_shape(mod, adapter.fan_in_fan_out)
+        want = _weight_shape(mod)
         if ref is None:
             problems.append(f"module {mod.module} has no weight in {base_label}")
         elif tuple(ref.shape) != want:
@@ -227,9 +219,9 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
         elif ref.dtype not in FLOAT_DTYPES:
             problems.append(f"{mod.module}.weight is stored as {ref.dtype} in {base_label}, not a float dtype "
                             "(merge into the unquantized base)")
-        if mod.magnitude is not None and mod.magnitude.numel != want[1 if adapter.fan_in_fan_out else 0]:
+        if mod.magnitude is not None and mod.magnitude.numel != mod.b.shape[0]:
             problems.append(f"module {mod.module}: DoRA magnitude has {mod.magnitude.numel} entries for "
-                            f"{want[0]} output rows")
+                            f"{mod.b.shape[0]} output rows")
     for name, ref in adapter.replaced.items():
         target = base.tensors.get(name)
         if target is None:
@@ -243,9 +235,37 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
                               + "; ".join(problems[:3]) + more + " (was it trained on another base model?)")
 
 
-def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out: bool, dtype: str,
+def resolve_ranks_and_scales(adapter: Adapter) -> None:
+    """Each module's rank and alpha as PEFT picks them (rank_pattern / alpha_pattern, else r / lora_alpha),
+    for modules already checked against the base: a rank unlike the tensors' is refused as PEFT refuses it
+    (its load fails with a size mismatch); the scale must be a float32 number."""
+    cfg, path = adapter.config, adapter.folder / ADAPTER_CONFIG
+    match = PatternMatcher(path)
+    for mod in adapter.modules.values():
+        r, pat = match.value(adapter.rank_patterns, mod.module, cfg["r"], "rank_pattern")
+        if r != mod.rank:
+            says = f"rank_pattern {pat!r} gives" if pat is not None else "the config gives"
+            raise CheckpointError(f"{adapter.folder / ADAPTER_WEIGHTS}: module {mod.module} has rank {mod.rank} "
+                                  f"(lora_A {list(mod.a.shape)}) but {says} r={r} in {path.name} (PEFT refuses "
+                                  "such an adapter: set r / rank_pattern to the saved rank)")
+        alpha, _ = match.value(adapter.alpha_patterns, mod.module, cfg["lora_alpha"], "alpha_pattern")
+        mod.scale = module_scale(cfg, r, alpha, path, mod.module)
+
+
+def check_replaced_finite(adapter: Adapter) -> None:
+    """Tensors the adapter saves whole are written as they are: refuse NaN or inf in them, as in every input
+    the merge computes from."""
+    for name, ref in adapter.replaced.items():
+        if not all_finite(load_tensor(ref)):
+            raise CheckpointError(
+                f"{adapter.folder / ADAPTER_WEIGHTS}: tensor {ref.name!r} (saved whole: it replaces {name}) has "
+                f"non-finite values (NaN or inf); check the adapter, or pass {NONFINITE_FLAG} to write it anyway")
+
+
+def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, dtype: str,
                  allow_nonfinite: bool = False, buffers: _Buffers | None = None) -> TensorPlan:
     buffers = buffers or _Buffers()
+    fan_in_fan_out = mod.transposed
 
     def compute():  # chunk k+1 is computed while the writer writes chunk k
         return ahead(_merged_chunks())
@@ -314,16 +334,19 @@ def plan_adapter_merge(base: Checkpoint, adapter: Adapter, base_label: str | Non
                        dtype: str | None = None, *, allow_nonfinite: bool = False) -> list[TensorPlan]:
     """A tensor plan for base + adapter: merged tensors computed, every other base tensor copied by bytes.
     Each output tensor keeps the base tensor's dtype, or takes `dtype` (floating tensors only). A merged
-    tensor holding NaN or inf fails the write (CheckpointError naming it) unless `allow_nonfinite`."""
+    tensor holding NaN or inf fails the write (CheckpointError naming it) unless `allow_nonfinite`; so does,
+    before anything is written, a tensor the adapter saves whole."""
     check_adapter_matches(adapter, base, base_label or str(base.folder))
+    resolve_ranks_and_scales(adapter)
+    if not allow_nonfinite:
+        check_replaced_finite(adapter)
     merged = {f"{m.module}.weight": m for m in adapter.modules.values()}
     buffers = _Buffers()
     plans = []
     for name, ref in base.tensors.items():
         out_dtype = dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
         if name in merged:
-            plans.append(_merged_plan(name, ref, merged[name], adapter.fan_in_fan_out, out_dtype, allow_nonfinite,
-                                      buffers))
+            plans.append(_merged_plan(name, ref, merged[name], out_dtype, allow_nonfinite, buffers))
         elif name in adapter.replaced:
             plans.append(_replaced_plan(name, adapter.replaced[name], out_dtype))
         else:

@@ -12,6 +12,7 @@ import fnmatch
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -43,6 +44,35 @@ class TensorRef:
         return math.prod(self.shape)
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words, from its st_mode."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+
+
+def not_regular_error(path: str | Path, mode: int) -> CheckpointError:
+    return CheckpointError(f"{path}: is {file_kind(mode)}, not a regular file (reading it would block or never "
+                           "end); a checkpoint's files must be regular files")
+
+
+def _open_regular(path: Path):
+    """`path` opened for reading, refused unless it is a regular file. The open does not block (O_NONBLOCK:
+    opening a FIFO waits for a writer otherwise) and the check is made on the opened file (fstat), so a
+    file swapped in between cannot get past it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular_error(path, mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, TensorRef]:
     """Parse and strictly validate one .safetensors file's header; return its tensors in file order.
 
@@ -54,8 +84,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorRef]:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {len(head)} bytes; truncated?)")
@@ -167,7 +197,7 @@ def read_config(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
     checked_file(folder, cfg_path)
     try:
@@ -202,20 +232,64 @@ def _allowed_roots(folder: Path) -> list[Path]:
 
 def checked_file(folder: str | Path, path: str | Path) -> Path:
     """`path` (a file of checkpoint folder `folder`), refused when it resolves -- through a symlink of its
-    own or of a folder on the way -- outside the folder. The Hugging Face cache layout is the one
-    exception: a snapshot's links into its own repository's blobs/ are accepted. Returns `path`."""
+    own or of a folder on the way -- outside the folder, or when it is not a regular file (a FIFO or a
+    device would block or never end when read). The Hugging Face cache layout is the one exception to the
+    first rule: a snapshot's links into its own repository's blobs/ are accepted. A missing file passes
+    (its caller says what is missing). Returns `path`."""
     folder, path = Path(folder), Path(path)
     real = path.resolve()
     if not any(real.is_relative_to(r) for r in _allowed_roots(folder)):
         raise CheckpointError(f"{path}: refused: it links to {real}, outside the checkpoint folder {folder} "
                               "(copy the file into the folder, or link only within it)")
+    try:
+        mode = real.stat().st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise not_regular_error(path, mode)
     return path
 
 
 def aux_files(folder: Path) -> list[Path]:
-    """The folder's aux files (AUX_FILE_PATTERNS), each checked by `checked_file`."""
+    """The folder's aux files (AUX_FILE_PATTERNS), each checked by `checked_file` (a FIFO or device with
+    such a name is refused, not skipped: transformers would open it). Folders are not aux files."""
     return [checked_file(folder, f) for f in sorted(folder.iterdir())
-            if any(fnmatch.fnmatch(f.name, pat) for pat in AUX_FILE_PATTERNS) and f.is_file()]
+            if any(fnmatch.fnmatch(f.name, pat) for pat in AUX_FILE_PATTERNS) and f.exists() and not f.is_dir()]
+
+
+def check_tokenizer_folder(folder: str | Path) -> Path:
+    """The gate for a tokenizer folder given apart from its model: its tokenizer and other aux files, and
+    config.json if it has one (transformers reads it to pick the tokenizer class), inside the folder and
+    regular files. Returns the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: " + ("not a folder (a tokenizer is a folder)" if folder.exists()
+                                               else "no such folder"))
+    aux_files(folder)
+    checked_file(folder, folder / "config.json")
+    return folder
+
+
+PICKLE_REFUSED = ("which can run code when loaded; convert to safetensors or pass --allow-pickle (then loaded "
+                  "with torch.load(weights_only=True))")
+
+
+def _embedded_adapter(folder: Path, allow_pickle: bool) -> None:
+    """A PEFT adapter stored inside a model folder: transformers loads it on top of the model
+    (adapter_config.json found beside config.json), so its files pass the gate like the model's."""
+    cfg = folder / "adapter_config.json"
+    if not cfg.exists():
+        return
+    checked_file(folder, cfg)
+    st, pk = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.exists():
+        read_safetensors_header(checked_file(folder, st))
+    elif pk.exists():
+        checked_file(folder, pk)
+        if not allow_pickle:
+            raise CheckpointError(f"{pk}: the adapter inside the model folder is pickled, {PICKLE_REFUSED}")
 
 
 def _safe_member(folder: Path, rel: object, index_path: Path) -> Path:
@@ -231,14 +305,17 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False, weights_r
     """Open a HF checkpoint folder (safetensors, sharded or single; pickled .bin only with allow_pickle).
 
     The one gate every command passes before it reads a checkpoint. Validates: config.json parses; no
-    file it reads (config, index, weights, tokenizer and other aux files) resolves outside the folder
-    (`checked_file`: symlinks too; the Hugging Face cache's blobs/ excepted); an index names only files
-    inside the folder that exist; every tensor in the index is in the named shard and every shard tensor
-    is in the index; headers are strict (see read_safetensors_header). Raises CheckpointError otherwise.
+    file it reads (config, index, weights, tokenizer and other aux files, an adapter transformers would
+    load with the model) resolves outside the folder (`checked_file`: symlinks too; the Hugging Face
+    cache's blobs/ excepted) or is anything but a regular file (a FIFO would block the reader); an index
+    names only files inside the folder that exist; every tensor in the index is in the named shard and
+    every shard tensor is in the index; headers are strict (see read_safetensors_header). Raises
+    CheckpointError otherwise.
     """
     folder = Path(folder)
     config = read_config(folder)
     aux_files(folder)
+    _embedded_adapter(folder, allow_pickle)
     st_index = folder / "model.safetensors.index.json"
     bin_index = folder / "pytorch_model.bin.index.json"
     single = folder / "model.safetensors"
@@ -259,9 +336,7 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False, weights_r
     bins = [bin_index] if bin_index.is_file() else sorted(folder.glob("*.bin"))
     if bins:
         if not allow_pickle:
-            raise CheckpointError(
-                f"{folder}: weights are pickled .bin files, which can run code when loaded; convert them to "
-                "safetensors or pass --allow-pickle (then loaded with torch.load(weights_only=True))")
+            raise CheckpointError(f"{folder}: weights are pickled .bin files, {PICKLE_REFUSED}")
         for f in bins:
             checked_file(folder, f)
         return Checkpoint(folder, config, *_open_pickled(folder, bin_index))
@@ -319,7 +394,7 @@ def _open_pickled(folder: Path, bin_index: Path):
         try:
             state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for corrupt/unsafe pickles
-            raise CheckpointError(f"{p}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{p}: cannot load with weights_only=True ({_pickle_reason(e)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{p}: expected a state dict of tensors")
         for name, t in state.items():
@@ -331,6 +406,17 @@ def _open_pickled(folder: Path, bin_index: Path):
             tensors[name] = TensorRef(name, dtype, tuple(t.shape), p, 0, t.numel() * DTYPE_SIZES[dtype],
                                       tensor=t.contiguous())
     return tensors, list(files.values())
+
+
+def _pickle_reason(e: Exception) -> str:
+    """torch.load's refusal in one line: for a pickle that calls something (weights_only refuses it), the
+    line naming what it calls, not torch's paragraphs (which suggest turning weights_only off)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported operand" in ln or "unsupported" in ln.lower()]
+    why = (named or lines or [""])[0]
+    if named:
+        why += "; the file may run code when loaded: do not load it without weights_only"
+    return f"{type(e).__name__}: {why}".rstrip(": ")
 
 
 def read_tensor_bytes(ref: TensorRef, start: int = 0, end: int | None = None, into: bytearray | None = None):

@@ -9,6 +9,7 @@ memory), so this module does not import torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -262,13 +263,30 @@ def write_shards(plans: list[TensorPlan], folder: Path, *, shard_size: int = 5 *
             (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing {label or folder} (nothing was left behind; "
-                                  f"{total / 1e9:.2f} GB of tensors needed)") from None
+            raise _disk_full(folder, names, total, label) from None
         raise
     finally:
         bar.close()
         for fd in src_fds.values():
             os.close(fd)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
+
+
+def _disk_full(folder: Path, names: list[str], total: int, label: str | None) -> CheckpointError:
+    """The disk filled while writing shards `names` into `folder`: remove them (the caller removes the
+    folder), then say how much the tensors need and how much is free without them."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+    try:
+        free = f", and {_size(shutil.disk_usage(folder).free)} is free in {folder.parent}"
+    except OSError:
+        free = ""
+    return CheckpointError(f"disk full while writing {label or folder}: the tensors need about {_size(total)}"
+                           f"{free} (nothing was left behind)")
 
 
 def write_checkpoint(

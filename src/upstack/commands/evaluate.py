@@ -160,7 +160,9 @@ def register(sub, common) -> None:
     p.add_argument("--batch-size", default="8", help="batch size or 'auto' (default 8)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model class (default hf)")
-    p.add_argument("--model-args", help="extra backend arguments: key=value,... (e.g. tensor_parallel_size=2)")
+    p.add_argument("--model-args", help="extra backend arguments: key=value,... (e.g. tensor_parallel_size=2); "
+                                         "settings that name no file, and peft=DIR, delta=DIR, tokenizer=DIR, "
+                                         "which pass the checkpoint gate; other keys are refused")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16, float32")
     p.add_argument("--max-length", type=int, help="context length (default: the model's); longer prompts are "
                                                   "truncated from the left")

@@ -20,7 +20,7 @@ import csv
 import re
 from pathlib import Path
 
-from upstack.data.files import allow_long_csv_fields
+from upstack.data.files import allow_long_csv_fields, special_file_error
 from upstack.data.jsonl import loads, read_json_rows
 from upstack.data.spec import split_named
 from upstack.errors import DataError
@@ -297,7 +297,7 @@ def benchmark_files(path: str | Path) -> list[Path]:
         if files:
             return files
         raise DataError(f"{path}: folder has no .jsonl, .json, .csv or .txt files")
-    raise DataError(f"{path}: no such file or folder")
+    raise special_file_error(path) or DataError(f"{path}: no such file or folder")
 
 
 def benchmark_examples(path: str | Path) -> tuple[str, list[str]]:

@@ -12,6 +12,8 @@ import functools
 import gzip
 import io
 import json
+import os
+import stat
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +41,22 @@ def file_type(path: Path) -> str | None:
     return ROW_SUFFIXES.get(suffixes[-1]) or TEXT_SUFFIXES.get(suffixes[-1])
 
 
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_file_error(path: str | Path, flag: str = "") -> DataError | None:
+    """A DataError saying what `path` is when it exists but is neither a regular file nor a folder (a FIFO
+    would block the reader, /dev/zero never ends); None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), None)
+    if kind is None:
+        return None
+    return DataError(f"{flag + ' ' if flag else ''}{path}: is {kind}, not a regular file (reading it would block "
+                     "or never end); give a data file or a folder of files")
 
 
 def _open_text(path: Path) -> io.TextIOBase:

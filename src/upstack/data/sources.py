@@ -13,6 +13,7 @@ from upstack.data.files import (
     guess_text_unit,
     iter_file_records,
     iter_txt,
+    special_file_error,
 )
 from upstack.data.spec import DataSpec
 from upstack.errors import ConfigError, DataError
@@ -41,6 +42,9 @@ def resolve_files(spec: DataSpec, *, text: bool) -> list[Path] | None:
         if not files:
             raise DataError(f"{spec.path}: folder has no data files ({', '.join(sorted(allowed))})")
         return _split_files(files, path, spec)
+    special = special_file_error(spec.path)
+    if special is not None:
+        raise special
     if _HUB_ID.fullmatch(spec.path) is None or file_type(path) is not None:
         raise DataError(f"{spec.path}: no such file or folder (hub datasets are named owner/name)")
     return None  # a hub dataset id

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from upstack.data.chat import TEMPLATES as CHAT_TEMPLATES
 from upstack.errors import ConfigError, DataError
 from upstack.evaluate.generate import check_prompt
+from upstack.evaluate.model_args import check_model_args
 from upstack.evaluate.tasks.registry import LOCAL_TASKS, check_local_names, expand_tasks
 
 
@@ -83,12 +84,4 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.template not in CHAT_TEMPLATES:
         raise ConfigError(f"--template {cfg.template!r}: not one of {', '.join(CHAT_TEMPLATES)}")
     check_local_names(names)
-    _check_model_args(cfg.model_args)
-
-
-def _check_model_args(model_args: dict) -> None:
-    """--model-args may tune the backend, not open another model past the checkpoint gate or run its code."""
-    if "pretrained" in model_args:
-        raise ConfigError("--model-args pretrained=...: give the model as MODEL (it is checked before loading)")
-    if model_args.get("trust_remote_code") not in (None, False, "false", "False"):
-        raise ConfigError("--model-args trust_remote_code: upstack never runs a checkpoint's own code")
+    check_model_args(cfg.model_args, cfg.backend)

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from upstack.data.files import special_file_error
 from upstack.errors import ConfigError, DataError
 from upstack.evaluate.bridge import (
     NOTE_FILTER,
@@ -35,6 +36,7 @@ from upstack.evaluate.bridge import (
 )
 from upstack.evaluate.config import EvalConfig, check_config
 from upstack.evaluate.generate import check_prompt, generate_replies
+from upstack.evaluate.model_args import check_model_arg_paths
 from upstack.evaluate.perplexity import perplexity
 from upstack.evaluate.preference import preference
 from upstack.evaluate.results import (
@@ -64,14 +66,13 @@ def _check_inputs(cfg: EvalConfig) -> None:
     """What check_config cannot see: that the named folders, files and models exist, and vLLM is installed."""
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         raise DataError(f"--data-dir {cfg.data_dir}: no such folder")
-    for f in cfg.perplexity:
-        if not Path(f).is_file():
-            raise DataError(f"--perplexity {f}: file not found")
-    for f in cfg.preference:
-        if not Path(f).is_file():
-            raise DataError(f"--preference {f}: file not found")
+    for flag, files in (("--perplexity", cfg.perplexity), ("--preference", cfg.preference)):
+        for f in files:
+            if not Path(f).is_file():
+                raise special_file_error(f, flag) or DataError(f"{flag} {f}: file not found")
     if cfg.preference_reference:
         check_model_path(cfg.preference_reference, "--preference-reference", allow_pickle=cfg.allow_pickle)
+    check_model_arg_paths(cfg.model_args, cfg.backend, allow_pickle=cfg.allow_pickle)
     if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("--backend vllm needs vLLM: pip install 'upstack[vllm]' (or pip install vllm)")
 
