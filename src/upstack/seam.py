@@ -139,18 +139,21 @@ def token_rows(tokenizer, spec: str, rows: int, max_length: int, batch_size: int
     eos = tokenizer.eos_token_id
     need = rows * max_length
     ids: list[int] = []
-    for doc in iter_text_documents([data]):
-        left = need - len(ids)
-        cut = max(4096, 16 * left)  # characters: far more than `left` tokens need, so the cut is never read
-        piece = tokenizer(doc[:cut], verbose=False)["input_ids"]
-        ids += piece + ([eos] if eos is not None and len(doc) <= cut else [])
-        if len(ids) >= need:
-            break
+    try:
+        for doc in iter_text_documents([data]):
+            left = need - len(ids)
+            cut = max(4096, 16 * left)  # characters: far more than `left` tokens need, so the cut is never read
+            piece = tokenizer(doc[:cut], verbose=False)["input_ids"]
+            ids += piece + ([eos] if eos is not None and len(doc) <= cut else [])
+            if len(ids) >= need:
+                break
+    except DataError as e:
+        raise DataError(f"{what} text {e}") from None
     full = min(rows, len(ids) // max_length)
     if full < batch_size:
-        raise DataError(f"{what} {data.path}: {len(ids)} tokens, too short for one batch of {batch_size} x "
-                        f"{max_length} tokens (need {batch_size * max_length}; lower --batch-size or "
-                        f"--max-length, or give more text)")
+        raise DataError(f"{what} text {data.path}: {len(ids)} tokens, too short for one batch of {batch_size} x "
+                        f"{max_length} tokens (need {batch_size * max_length}: give more text, or fewer rows "
+                        "per batch or tokens per row)")
     return torch.tensor(ids[:full * max_length], dtype=torch.long).view(full, max_length)
 
 
@@ -346,11 +349,13 @@ def plot_seams(result: dict, png: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cands = result["candidates"]
     xs = [c["start"] for c in cands]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(xs, [c["angular_distance"] for c in cands], "o-", color="C0", label="angular distance at the seam")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"start of the duplicated {result['block_length']}-layer block")
     ax.set_ylabel("angular distance", color="C0")
     handles = ax.get_lines()[:]
