@@ -39,9 +39,10 @@ def register(sub, common) -> None:
     p = sub.add_parser("seam", parents=[common], help="score every placement of the duplicated block (seam)",
                        description=SEAM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="base model: HF checkpoint folder (or a Hub id)")
-    p.add_argument("--calibration", required=True, help="text the hidden states are measured on (data spec)")
+    p.add_argument("--calibration", required=True, metavar="TEXT",
+                   help="text the hidden states are measured on (data spec)")
     depth = p.add_mutually_exclusive_group()
-    depth.add_argument("--layers", type=int, default=None, dest="depth",
+    depth.add_argument("--layers", type=int, default=None, dest="depth", metavar="N",
                        help="depth of the up-scaled model (n+1 .. 2n layers)")
     depth.add_argument("--m", type=int, default=None,
                        help="SOLAR's m: depth 2(n-m) (default n//4, as upscale)")
