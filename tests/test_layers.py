@@ -18,12 +18,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("upstack.checkpoint",),
     ("upstack.lm",),
     ("upstack.data",),
+    ("upstack.seam",),
     ("upstack.upscale", "upstack.gguf", "upstack.merge", "upstack.train", "upstack.evaluate", "upstack.base"),
     ("upstack.pipeline", "upstack.report"),
     ("upstack.commands",),
     ("upstack.cli", "upstack.__main__"),
 ]
-STAGES = LAYERS[4]
+STAGES = LAYERS[5]
 # The one stage-to-stage edge the design allows: building a base model is a pretraining run.
 ALLOWED_STAGE_EDGES = {("upstack.base", "upstack.train")}
 

@@ -464,7 +464,23 @@ def _layer_map_sections(layer_maps: list[dict]) -> list[str]:
         if lm.get("new_layers"):
             lines.append(f"\nZero-initialised blocks: {format_layer_ranges(lm['new_layers'])}")
         lines.append("")
+        if isinstance(lm.get("seam"), dict):
+            lines += _seam_table(lm["seam"])
     return lines
+
+
+def _seam_table(seam: dict) -> list[str]:
+    """The placements `upscale --seam auto` scored (upstack.json's upscale.seam), the chosen one and SOLAR's."""
+    k, score = seam.get("block_length"), seam.get("score")
+    lines = [f"The duplicated block was chosen by its {'angular distance at the seam' if score == 'angle' else score} "
+             f"(`--seam auto`): layers {seam['block'][0]}-{seam['block'][1]}.", "",
+             "| duplicated block | angular distance | step-0 perplexity | |", "|---|---|---|---|"]
+    for row in seam.get("table") or []:
+        j = row["start"]
+        mark = ", ".join(x for x in ("chosen" if j == seam.get("start") else "",
+                                     "SOLAR" if j == seam.get("solar_start") else "") if x)
+        lines.append(f"| {j}-{j + k - 1} | {_fmt(row.get('angular_distance'))} | {_fmt(row.get('perplexity'))} | {mark} |")
+    return lines + [""]
 
 
 def _timings_section(stages: dict[str, dict]) -> list[str]:

@@ -41,6 +41,7 @@ from upstack.checkpoint import (
 )
 from upstack.config import parse_bytes
 from upstack.errors import ConfigError, UpstackError
+from upstack.seam import SeamOptions, analyse_seams, check_seam_options, seam_layer_map, seam_record
 
 METHODS = ("dus", "stack", "interleave")
 
@@ -62,6 +63,43 @@ class UpscaleConfig:
     allow_unknown_arch: bool = False
     allow_pickle: bool = False
     quiet: bool = False
+    # Where the duplicated block goes (dus): "solar" (layers [0, n-m) + [m, n)) or "auto" (the placement
+    # of the same depth with the lowest seam score, upstack.seam; needs `calibration`).
+    seam: str = "solar"
+    seam_score: str = "angle"       # angle | perplexity (needs `perplexity`)
+    calibration: str | None = None  # text data spec the seam's hidden states are measured on
+    perplexity: str | None = None   # held-out text data spec: step-0 perplexity of every placement
+    seam_batch_size: int = 4
+    seam_max_length: int = 256
+    seam_batches: int = 8
+    seam_device: str | None = None
+    seam_dtype: str = "auto"
+
+
+SEAMS = ("solar", "auto")
+
+
+def seam_options(cfg: UpscaleConfig) -> SeamOptions:
+    return SeamOptions(calibration=cfg.calibration or "", perplexity=cfg.perplexity, score=cfg.seam_score,
+                       batch_size=cfg.seam_batch_size, max_length=cfg.seam_max_length, batches=cfg.seam_batches,
+                       device=cfg.seam_device, dtype=cfg.seam_dtype, allow_pickle=cfg.allow_pickle, quiet=cfg.quiet)
+
+
+def _check_seam(cfg: UpscaleConfig) -> None:
+    if cfg.seam not in SEAMS:
+        raise ConfigError(f"--seam {cfg.seam!r}: choose from {', '.join(SEAMS)}")
+    if cfg.seam == "solar":
+        given = [f for f, v in (("--calibration", cfg.calibration), ("--perplexity", cfg.perplexity)) if v]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} without --seam auto would be ignored (SOLAR's cut reads no text)")
+        return
+    if cfg.layers or cfg.method != "dus":
+        what = "--layers" if cfg.layers else f"--method {cfg.method}"
+        raise ConfigError(f"--seam auto places the duplicated block of --method dus; {what} gives the layer order "
+                          "itself")
+    if not cfg.calibration:
+        raise ConfigError("--seam auto needs --calibration TEXT (the text the seam's hidden states are measured on)")
+    check_seam_options(seam_options(cfg), "--seam-")
 
 
 def check_upscale_config(cfg: UpscaleConfig) -> None:
@@ -82,6 +120,7 @@ def check_upscale_config(cfg: UpscaleConfig) -> None:
         raise ConfigError(f"--m {cfg.m} is out of range (need m >= 0)")
     if cfg.method == "interleave" and not cfg.layers and (cfg.every is None or cfg.every < 1):
         raise ConfigError(f"--method interleave needs --every K with K >= 1, got {cfg.every}")
+    _check_seam(cfg)
 
 
 @dataclasses.dataclass
@@ -199,7 +238,7 @@ def _config_dtype(config: dict) -> str | None:
 
 
 def upscale_model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, layer_plan: LayerPlan,
-                       num_params: int) -> str:
+                       num_params: int, seam: dict | None = None) -> str:
     """README.md of an up-scaled checkpoint: the source, the layer plan and its layer table."""
     arch = src_config.get("model_type", "?")
     lines = [
@@ -212,10 +251,21 @@ def upscale_model_card(cfg: UpscaleConfig, src_config: dict, new_config: dict, l
         "| output layers | source layers |", "|---|---|",
     ]
     lines += [f"| {a}-{b} | {sa}-{sb} |" for a, b, sa, sb in layer_runs(layer_plan.layer_map)]
+    if seam is not None:
+        c, solar = seam["chosen"], seam["solar"]
+        lines += ["", f"The duplicated block (layers {c['block'][0]}-{c['block'][1]}) was chosen by `upstack upscale "
+                      f"--seam auto`: the lowest {'angular distance at the seam' if seam['score'] == 'angle' else 'step-0 held-out perplexity'} "
+                      f"of the {len(seam['candidates'])} placements ({_seam_numbers(c)}"
+                      + (f"; SOLAR's cut: {_seam_numbers(solar)}" if solar else "") + "). The table is in upstack.json."]
     if layer_plan.new_layers:
         lines += ["", f"Zero-initialised residual outputs (identity blocks) in output layers "
                       f"{format_layer_ranges(layer_plan.new_layers)}."]
     return "\n".join(lines) + "\n"
+
+
+def _seam_numbers(c: dict) -> str:
+    text = f"angular distance {c['angular_distance']:.4f}"
+    return text + (f", perplexity {c['perplexity']:.4g}" if c.get("perplexity") is not None else "")
 
 
 def upscale(cfg: UpscaleConfig) -> dict:
@@ -230,7 +280,17 @@ def upscale(cfg: UpscaleConfig) -> dict:
     n = num_layers(ckpt.config, arch)
     if cfg.method not in METHODS and not cfg.layers:
         raise ConfigError(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
-    layer_plan = make_layer_plan(n, cfg.method, cfg.m, cfg.layers, cfg.every)
+    seam = None
+    if cfg.seam == "auto":
+        if not ckpt.tensors:
+            raise ConfigError(f"--seam auto: {cfg.source} holds no weights (the seam is measured by running the model)")
+        m = n // 4 if cfg.m is None else cfg.m
+        seam = analyse_seams(str(ckpt.folder), m=m, opts=seam_options(cfg))
+        j, k = seam["chosen"]["start"], seam["block_length"]
+        layer_plan = LayerPlan(seam_layer_map(n, k, j), [], f"dus seam auto ({cfg.seam_score}), depth of m={m}: "
+                                                         f"[0..{j + k - 1}] + [{j}..{n - 1}]")
+    else:
+        layer_plan = make_layer_plan(n, cfg.method, cfg.m, cfg.layers, cfg.every)
     new_config, notes = remap_config(ckpt.config, arch, layer_plan.layer_map)
     set_config_dtype(new_config, dtype)
     changes = {k: {"from": ckpt.config.get(k), "to": v} for k, v in new_config.items() if ckpt.config.get(k) != v}
@@ -262,6 +322,8 @@ def upscale(cfg: UpscaleConfig) -> dict:
         "num_tensors": len(plans), "num_shards": _count_shards(plans or plans_by_shape, shard_size),
         "config_changes": changes, "notes": notes, "dry_run": cfg.dry_run,
     }
+    if seam is not None:
+        report["seam"] = seam
     if cfg.dry_run:
         return report
     provenance = {"upscale": {
@@ -269,9 +331,11 @@ def upscale(cfg: UpscaleConfig) -> dict:
         "layers": cfg.layers, "every": cfg.every, "layer_map": layer_plan.layer_map,
         "new_layers": layer_plan.new_layers, "source_num_hidden_layers": n, "upstack_version": __version__,
     }}
+    if seam is not None:  # only then: a SOLAR cut writes the same upstack.json as before the option existed
+        provenance["upscale"]["seam"] = seam_record(seam)
     write_surgery_output(
         plans, out, config=new_config, provenance=provenance,
-        model_card=upscale_model_card(cfg, ckpt.config, new_config, layer_plan, num_params),
+        model_card=upscale_model_card(cfg, ckpt.config, new_config, layer_plan, num_params, seam),
         aux_from=ckpt.folder, shard_size=shard_size, overwrite=cfg.overwrite, progress=not cfg.quiet,
     )
     return report

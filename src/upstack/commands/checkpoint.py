@@ -13,6 +13,7 @@ from upstack.commands.output import (
     human_bytes,
     print_json,
 )
+from upstack.commands.seam import format_seam_result
 from upstack.upscale import UpscaleConfig, upscale
 
 ORDER = 10
@@ -29,6 +30,15 @@ Layer plans:
                             output and MLP down projections zeroed (same function as the source).
   --layers "0-23,8-31"      any list of source-layer ranges; END-INCLUSIVE ("0-23" is 24 layers).
 
+Where the duplicated block goes (dus):
+  --seam solar              (default) SOLAR's cut: the block [M, n-M) twice.
+  --seam auto --calibration TEXT
+                            the placement of the same depth (block start j = 0..n-k, layers
+                            [0, j+k) + [j, n)) with the lowest angular distance at the seam, measured
+                            by running the base over TEXT (see `upstack seam --help`); or with
+                            --seam-score perplexity --perplexity HELDOUT, the lowest step-0 held-out
+                            perplexity. The table and the choice go into upstack.json.
+
 Pure copies keep the source bytes exactly (kernel-side byte-range copy; torch is not imported).
 The output is a standard HF folder: sharded safetensors + index, config.json with num_hidden_layers
 and per-layer fields remapped, tokenizer, chat template, generation config, README.md model card and
@@ -38,6 +48,7 @@ examples:
   upstack upscale mistral-7b solar-base --m 8
   upstack upscale ./mistral-config-only out --m 8 --dry-run --json
   upstack upscale tiny tiny-pro --method interleave --every 2
+  upstack upscale smollm2 smollm2-44 --m 8 --seam auto --calibration wiki.txt
 """
 
 
@@ -75,6 +86,20 @@ def register(sub, common) -> None:
     p.add_argument("--every", type=int, default=None, help="interleave: insert a zeroed copy after every K blocks")
     p.add_argument("--dtype", default=None, help="cast floating tensors (float32, bfloat16, float16); default keeps source")
     add_writer_flags(p, dry_run="print the plan (layer map, config changes, size) and write nothing")
+    g = p.add_argument_group("seam (dus)")
+    g.add_argument("--seam", default="solar", choices=["solar", "auto"],
+                   help="solar (default): the block [m, n-m) twice; auto: the placement with the lowest seam score")
+    g.add_argument("--seam-score", default="angle", choices=["angle", "perplexity"],
+                   help="auto: angle (default, angular distance at the seam) or perplexity (needs --perplexity)")
+    g.add_argument("--calibration", default=None, metavar="TEXT", help="auto: text (data spec) the seam is measured on")
+    g.add_argument("--perplexity", default=None, metavar="HELDOUT",
+                   help="auto: held-out text; step-0 perplexity of every placement (recorded; needed to choose by it)")
+    g.add_argument("--seam-batch-size", type=int, default=4, help="auto: rows per forward pass (default 4)")
+    g.add_argument("--seam-max-length", type=int, default=256, help="auto: tokens per row (default 256)")
+    g.add_argument("--seam-batches", type=int, default=8, help="auto: at most this many batches per text (default 8)")
+    g.add_argument("--seam-device", default=None, help="auto: device of the analysis (default: cuda when available)")
+    g.add_argument("--seam-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: dtype the base is loaded in for the analysis (default: the checkpoint's)")
     p.add_argument("--allow-unknown-arch", action="store_true",
                    help="try the generic 'model.layers.N.' pattern for an architecture not in the table (warns)")
     p.set_defaults(func=run_upscale)
@@ -119,6 +144,9 @@ def run_upscale(args) -> int:
         source=args.source, out=args.out, method=args.method, m=args.m, layers=args.layers, every=args.every,
         dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
         allow_unknown_arch=args.allow_unknown_arch, allow_pickle=args.allow_pickle, quiet=args.quiet,
+        seam=args.seam, seam_score=args.seam_score, calibration=args.calibration, perplexity=args.perplexity,
+        seam_batch_size=args.seam_batch_size, seam_max_length=args.seam_max_length, seam_batches=args.seam_batches,
+        seam_device=args.seam_device, seam_dtype=args.seam_dtype,
     )
     if args.allow_unknown_arch:
         src_cfg = read_config(args.source)
@@ -130,6 +158,8 @@ def run_upscale(args) -> int:
     if args.json:
         print_json(report)
         return 0
+    if report.get("seam"):
+        print(format_seam_result(report["seam"]) + "\n")
     print(f"{report['description']}: {report['source_num_hidden_layers']} -> {report['num_hidden_layers']} layers "
           f"({report['model_type']})")
     rows = [[f"{a}-{b}", f"{sa}-{sb}"] if b > a else [str(a), str(sa)]

@@ -108,6 +108,8 @@ def estimate_upscale(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
         if cfg_dir is None:
             return {}
         known = {k: v for k, v in opts.items() if k in field_names(UpscaleConfig)}
+        # every seam gives the same depth and size: estimate SOLAR's cut rather than run the seam's analysis
+        known.update(seam="solar", calibration=None, perplexity=None)
         rep = upscale(UpscaleConfig(**{**known, "source": str(cfg_dir), "dry_run": True}))
         return {"num_hidden_layers": rep["num_hidden_layers"], "num_parameters": rep["num_parameters"],
                 "disk_bytes": rep["output_bytes"], "config": _remapped_config(read_config(cfg_dir), opts)}

@@ -464,7 +464,7 @@ def _value_errors(st: Stage, cls: type, resolved: dict, lines: dict) -> list[str
 
 
 MODEL_KEYS = ("model", "source", "reference", "base", "models", "ref_model", "preference_reference", "adapter")
-DATA_KEYS = ("data", "eval_data", "perplexity", "preference", "against", "benchmarks", "seed_data")
+DATA_KEYS = ("data", "eval_data", "perplexity", "preference", "against", "benchmarks", "seed_data", "calibration")
 FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".gz", ".yaml", ".yml")
 
 
