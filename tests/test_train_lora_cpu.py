@@ -88,6 +88,23 @@ def test_cpu_dropout_forward_and_backward_use_one_mask():
     assert torch.equal(CpuDropout(0.0).train()(x), x)
 
 
+def test_cpu_dropout_obeys_what_switches_nn_dropout_off():
+    """DPO turns dropout off by setting every nn.Dropout's p to 0 (lm.disable_dropout, as TRL's
+    disable_dropout_in_model does): CpuDropout is an nn.Dropout, so it is switched off with them and then
+    passes its input through in training mode, as the nn.Dropout it replaces does."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from upstack.lm import disable_dropout
+    from upstack.train.lora_cpu import CpuDropout
+
+    x = torch.randn(64, 48)
+    for switch in (disable_dropout, disable_dropout_in_model):
+        ours, library = CpuDropout(0.3).train(), torch.nn.Dropout(0.3).train()
+        switch(torch.nn.Sequential(ours, library))
+        assert ours.p == library.p == 0
+        assert torch.equal(ours(x), x) and torch.equal(library(x), x)
+
+
 def test_masks_are_the_same_when_gradient_checkpointing_recomputes():
     """Checkpointing restores the RNG state, so the recomputed forward draws the same mask: the gradients
     equal those of the plain forward."""

@@ -275,7 +275,8 @@ def supports_packed_positions(model) -> bool:
 
 
 def disable_dropout(model) -> None:
-    """Scoring the same sequences twice (DPO's policy and reference) must give the same log-probs."""
+    """Scoring the same sequences twice (DPO's policy and reference) must give the same log-probs: every
+    `nn.Dropout` (subclasses too: LoRA's CpuDropout, train/lora_cpu.py) and attention dropout set to 0."""
     import torch.nn as nn
 
     for mod in model.modules():

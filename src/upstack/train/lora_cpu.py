@@ -79,18 +79,18 @@ class _Dropout(torch.autograd.Function):
         return g, None
 
 
-class CpuDropout(nn.Module):
+class CpuDropout(nn.Dropout):
+    """`nn.Dropout` (same `p`, same switch) with skip sampling on CPU. A subclass, so that whatever turns
+    every `nn.Dropout` off by setting `p = 0` (upstack's `lm.disable_dropout` for DPO, TRL's
+    `disable_dropout_in_model`) turns this one off too."""
+
     def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
+        super().__init__(float(p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or x.numel() == 0:
             return F.dropout(x, self.p, self.training)
         return _Dropout.apply(x, self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class LoraBranch(torch.autograd.Function):
