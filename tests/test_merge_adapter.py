@@ -119,6 +119,36 @@ def test_adapter_of_another_base_is_refused_and_nothing_is_written(tmp_path, cap
     assert "no weight in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["embed_tokens", "lm_head"])
+def test_tied_pair_saved_whole(tmp_path, capsys, name):
+    """A base that ties its head to its embedding: an adapter that trained the pair as one matrix (PEFT's
+    ensure_weight_tying, which saves it under both names) merges into a checkpoint that stores it once and
+    computes PEFT's logits; one that trained one of them apart from the other (no tied checkpoint computes
+    it) is refused in one line, and nothing is written."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2, tie_word_embeddings=True)
+    together = _adapter(base, tmp_path / "together", modules_to_save=[name], ensure_weight_tying=True)
+    out = tmp_path / "merged"
+    assert cli("merge-adapter", base, together, out, "--quiet") == 0
+    assert "lm_head.weight" not in _ours(out)
+    ids = torch.tensor([[1, 5, 9, 40, 41]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), together)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert (want - plain).abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    apart = _adapter(base, tmp_path / "apart", modules_to_save=[name])
+    assert cli("merge-adapter", base, apart, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "ties its output head to its embedding model.embed_tokens.weight" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_adapter_folders(tmp_path, capsys):
     base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2)
     (tmp_path / "empty").mkdir()

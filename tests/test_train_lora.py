@@ -166,6 +166,49 @@ def test_adapter_only_and_modules_to_save(model_dir, tmp_path):
     assert torch.equal(base["model.norm.weight"], merged["model.norm.weight"])
 
 
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tied", "llama", num_hidden_layers=2,
+                            tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("name", ["lm_head", "embed_tokens"])
+def test_modules_to_save_on_a_tied_model_keeps_the_tie(tied_model_dir, tmp_path, monkeypatch, name):
+    """A model that ties its head to its embedding stores one matrix: --lora-modules-to-save naming either
+    trains that one matrix (PEFT's ensure_weight_tying), so the merged checkpoint's logits are the trained
+    PEFT model's, and PEFT loads the saved adapter to the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from upstack.train import checkpointing
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    trained, release = {}, checkpointing.release_weights
+
+    def logits_then_release(model):   # the trained model, just before the merge frees it
+        with torch.no_grad():
+            trained["logits"] = model.eval()(input_ids=ids).logits.clone()
+        release(model)
+
+    monkeypatch.setattr(checkpointing, "release_weights", logits_then_release)
+    data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))
+    out = tmp_path / "out"
+    assert cli("sft", tied_model_dir, "--data", data, "--out", out, "--lora", "--lora-modules-to-save", name,
+               "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--no-packing", "--max-length", "64",
+               *COMMON) == 0
+    base, merged = tensors(tied_model_dir), tensors(out)
+    assert set(merged) == set(base) and "lm_head.weight" not in merged       # still stored once, tied
+    assert not torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+    with torch.no_grad():
+        via_merged = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        via_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied_model_dir),
+                                             out / "adapter")(ids).logits
+        via_base = AutoModelForCausalLM.from_pretrained(tied_model_dir)(ids).logits
+    assert (via_merged - via_base).abs().max() > 0.1                      # training moved the logits
+    torch.testing.assert_close(via_merged, trained["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(via_peft, trained["logits"], rtol=0, atol=1e-5)
+
+
 def test_qlora_runs_on_cpu_and_merges_into_the_unquantized_base(model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))

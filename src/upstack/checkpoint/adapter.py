@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from upstack.arch import embed_name, get_arch, tied
 from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
 from upstack.checkpoint.finite import all_finite, nonfinite_error
 from upstack.checkpoint.reader import (
@@ -230,8 +231,12 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
         if mod.magnitude is not None and mod.magnitude.numel != want[1 if adapter.fan_in_fan_out else 0]:
             problems.append(f"module {mod.module}: DoRA magnitude has {mod.magnitude.numel} entries for "
                             f"{want[0]} output rows")
+    problems += _tie_problems(adapter, base, base_label)
+    head_copy = _tied_head_copy(adapter, base)
     for name, ref in adapter.replaced.items():
         target = base.tensors.get(name)
+        if name == head_copy:
+            continue
         if target is None:
             problems.append(f"tensor {name} (saved whole in the adapter) is not in {base_label}")
         elif tuple(target.shape) != tuple(ref.shape):
@@ -241,6 +246,45 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"adapter {adapter.folder} does not fit base {base_label}: "
                               + "; ".join(problems[:3]) + more + " (was it trained on another base model?)")
+
+
+def _tied_names(base: Checkpoint) -> tuple[str, str] | None:
+    """(embedding, head) tensor names of a base whose head is its embedding (tied), else None."""
+    arch = get_arch(base.config, allow_unknown=True)
+    emb = embed_name(base.tensors, arch)
+    if emb is None or not tied(base.config, base.tensors, arch):
+        return None
+    return emb, arch.head_name
+
+
+def _trained_together(adapter: Adapter, names: tuple[str, str]) -> bool:
+    """The adapter saved the tied embedding and head as one trained matrix (PEFT's modules_to_save with
+    ensure_weight_tying saves it under both names)."""
+    emb, head = names
+    return emb in adapter.replaced and head in adapter.replaced and \
+        load_tensor(adapter.replaced[emb]).equal(load_tensor(adapter.replaced[head]))
+
+
+def _tied_head_copy(adapter: Adapter, base: Checkpoint) -> str | None:
+    """The head tensor of a tied pair trained together, when the base stores the pair once (as its
+    embedding): the embedding written carries it. None otherwise."""
+    names = _tied_names(base)
+    if names is None or names[1] in base.tensors or not _trained_together(adapter, names):
+        return None
+    return names[1]
+
+
+def _tie_problems(adapter: Adapter, base: Checkpoint, base_label: str) -> list[str]:
+    """A base that ties its head to its embedding computes with one matrix for both: an adapter that replaced
+    one of them apart from the other (trained without keeping the tie) has no merged checkpoint that
+    computes what was trained."""
+    names = _tied_names(base)
+    if names is None or not set(names) & set(adapter.replaced) or _trained_together(adapter, names):
+        return []
+    return [f"{base_label} ties its output head to its embedding {names[0]}, and the adapter saved "
+            f"{' and '.join(n for n in names if n in adapter.replaced)} apart from the other (trained without "
+            "the tie; PEFT's ensure_weight_tying=True keeps it, as upstack's --lora-modules-to-save does): "
+            "no tied checkpoint computes that model"]
 
 
 def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, fan_in_fan_out: bool, dtype: str,
