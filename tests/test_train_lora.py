@@ -209,6 +209,21 @@ def test_modules_to_save_on_a_tied_model_keeps_the_tie(tied_model_dir, tmp_path,
     torch.testing.assert_close(via_peft, trained["logits"], rtol=0, atol=1e-5)
 
 
+def test_tied_pair_peft_cannot_keep_is_refused_before_training(tied_model_dir, tmp_path, capsys, monkeypatch):
+    """PEFT keeps a tie only for modules named embed_tokens / lm_head: a tied model named otherwise (simulated
+    here by narrowing PEFT's list) is refused in one line before any step, and nothing is written."""
+    import peft.utils.constants as constants
+
+    monkeypatch.setattr(constants, "EMBEDDING_LAYER_NAMES", ["wte", "lm_head"])
+    data = write_jsonl(tmp_path / "a.jsonl", sft_rows(4))
+    out = tmp_path / "out"
+    assert cli("sft", tied_model_dir, "--data", data, "--out", out, "--lora", "--lora-modules-to-save",
+               "embed_tokens", "--max-steps", "1", *COMMON) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lora-modules-to-save embed_tokens: this model ties") and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "out.work" / "metrics.jsonl").exists()
+
+
 def test_qlora_runs_on_cpu_and_merges_into_the_unquantized_base(model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))
