@@ -178,7 +178,9 @@ def test_tune_lora_layers_swaps_dropout_and_binds_the_branch():
     assert len(drops) == 14 and all(isinstance(d, CpuDropout) and d.p == 0.05 for d in drops)
     bound = [m for m in model.modules() if "forward" in vars(m)]
     assert len(bound) == 14 and all(not m.cast_input_dtype_enabled for m in bound)
-    assert tune_lora_layers(model, autocast=True) == 14            # a second call binds nothing twice
+    state = [(m, m.forward, dict(m.lora_dropout)) for m in bound]
+    assert tune_lora_layers(model, autocast=True) == 0             # a second call changes nothing
+    assert all(m.forward is f and dict(m.lora_dropout) == d for m, f, d in state)   # the same objects
     twin = copy.deepcopy(model)                                    # a deep copy runs its own layers
     assert all(m.forward.__self__ is m for m in twin.modules() if "forward" in vars(m))
 
