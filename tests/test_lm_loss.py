@@ -110,6 +110,29 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_path(tmp_path):
     assert mean <= 1.05 * sum(rel(want[n], ref[n]) for n in want) / len(want)  # measured: 0.00742 vs 0.00740
 
 
+class _CountMatmuls:
+    """Counts the matrix products torch runs inside the block (aten mm / addmm / bmm / matmul, in place or not)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        counter.n = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__.rstrip("_") in ("mm", "addmm", "bmm", "matmul", "baddbmm"):
+                    counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
 def test_head_nll_with_a_bias_and_a_frozen_head():
     """The head function alone: bias gradients, positions without labels, and a frozen head (LoRA), whose
     weight gets no gradient computed."""
@@ -134,10 +157,16 @@ def test_head_nll_with_a_bias_and_a_frozen_head():
         (out * upstream).sum().backward()
         for mine, theirs in zip(args, x):
             assert torch.allclose(mine.grad, theirs.grad, atol=1e-5), step
-    frozen = weight.clone()
-    h = hidden.clone().requires_grad_()
-    _head_nll(h, frozen, None, labels, 3).sum().backward()
-    assert h.grad is not None and frozen.grad is None
+    # A frozen head: its gradient is not computed at all (not computed and dropped). The backward pass of
+    # 4 chunks (11 positions, 3 at a time) recomputes each chunk's logits and its hidden gradient (2 matrix
+    # products a chunk); a trainable head adds its own gradient (a third).
+    for trainable, products in ((True, 3 * 4), (False, 2 * 4)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trainable)
+        loss = _head_nll(h, w, None, labels, 3).sum()
+        with _CountMatmuls() as count:
+            loss.backward()
+        assert count.n == products, (trainable, count.n)
+        assert h.grad is not None and (w.grad is not None) == trainable
 
 
 def test_soft_capped_logits_keep_the_plain_path(tmp_path):
