@@ -67,9 +67,8 @@ def test_equals_peft_merge_and_unload(tmp_path, model_type, dtype, tied, variant
     out = tmp_path / "merged"
     assert cli("merge-adapter", base, adapter, out, "--quiet") == 0
     want = _peft_merged(base, adapter)
-    got = _ours(out)
-    assert set(got) <= set(want) and len(got) >= len(want) - 1  # a tied head is stored once
-    changed = 0
+    got, before = _ours(out), _ours(base)
+    assert set(got) == set(before) and set(got) <= set(want) and len(got) >= len(want) - 1  # a tied head once
     for name, t in got.items():
         w = want[name]
         assert t.dtype == w.dtype == getattr(torch, dtype), name
@@ -79,8 +78,13 @@ def test_equals_peft_merge_and_unload(tmp_path, model_type, dtype, tied, variant
             assert torch.allclose(t, w, rtol=1e-6, atol=1e-7), name
         else:
             assert torch.allclose(t.float(), w.float(), rtol=2 ** -7, atol=1e-4), name
-        changed += name.endswith("proj.weight")
-    assert changed == 2 * 7  # every linear module of both layers was merged
+    # What the merge changed, tensor by tensor against the base: every linear module of both layers (and
+    # the modules saved whole); every other tensor is the base's, bit for bit.
+    changed = {name for name, t in got.items() if not torch.equal(t, before[name])}
+    linear = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert changed == linear | {f"{m}.weight" for m in variant.get("modules_to_save", [])}
     meta = json.loads((out / "upstack.json").read_text())["merge_adapter"]
     assert meta["r"] == 4 and meta["modules"] == 14
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
