@@ -110,6 +110,73 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_path(tmp_path):
     assert mean <= 1.05 * sum(rel(want[n], ref[n]) for n in want) / len(want)  # measured: 0.00742 vs 0.00740
 
 
+def test_head_gradient_off_cpu_is_a_compute_dtype_product_summed_in_fp32():
+    """The head's gradient under bf16 autocast, chunked: on CPU (the default there) each chunk's part is
+    an fp32 product; on other devices (forced here on CPU) a bf16 product, as autocast's F.linear computes
+    the head's gradient, summed over the chunks in fp32. Against float64, the off-CPU path is about as
+    accurate as the plain (unchunked) autocast path and the CPU path; the CPU default is unchanged; the
+    hidden states' gradient is the same on both paths."""
+    import torch.nn.functional as F
+
+    from upstack.lm import _head_nll
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 96, 64, 700
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::7] = -100
+    upstream = torch.rand(n, generator=g)
+
+    def grads(fn, dtype=torch.float32, autocast=True):
+        x, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            (fn(x, w) * upstream.to(dtype)).sum().backward()
+        return x.grad, w.grad
+
+    def plain(x, w):
+        return F.cross_entropy(F.linear(x, w).float(), labels, ignore_index=-100, reduction="none")
+
+    _, exact = grads(plain, torch.float64, autocast=False)
+    _, w_plain = grads(plain)
+    x_cpu, w_cpu = grads(lambda x, w: _head_nll(x, w, None, labels, 8))                       # 12 chunks
+    x_fp32, w_fp32 = grads(lambda x, w: _head_nll(x, w, None, labels, 8, fp32_head_grad=True))
+    x_dev, w_dev = grads(lambda x, w: _head_nll(x, w, None, labels, 8, fp32_head_grad=False))
+
+    def err(w):
+        return float((w.double() - exact).norm() / exact.norm())
+
+    assert torch.equal(w_cpu, w_fp32) and torch.equal(x_cpu, x_fp32)   # the CPU default: fp32 products
+    assert torch.equal(x_dev, x_cpu) and not torch.equal(w_dev, w_cpu)  # only the head's gradient differs
+    assert w_dev.dtype == torch.float32
+    assert err(w_dev) < 0.01 and err(w_plain) < 0.01
+    assert err(w_dev) <= 1.25 * err(w_plain), (err(w_dev), err(w_plain), err(w_cpu))   # measured: 0.99-1.01x
+    assert err(w_cpu) <= 1.25 * err(w_plain), (err(w_dev), err(w_plain), err(w_cpu))   # measured: 0.80-0.89x
+
+
+class _CountMatmuls:
+    """Counts the matrix products torch runs inside the block (aten mm / addmm / bmm / matmul, in place or not)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        counter.n = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__.rstrip("_") in ("mm", "addmm", "bmm", "matmul", "baddbmm"):
+                    counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
 def test_head_nll_with_a_bias_and_a_frozen_head():
     """The head function alone: bias gradients, positions without labels, and a frozen head (LoRA), whose
     weight gets no gradient computed."""
@@ -134,10 +201,16 @@ def test_head_nll_with_a_bias_and_a_frozen_head():
         (out * upstream).sum().backward()
         for mine, theirs in zip(args, x):
             assert torch.allclose(mine.grad, theirs.grad, atol=1e-5), step
-    frozen = weight.clone()
-    h = hidden.clone().requires_grad_()
-    _head_nll(h, frozen, None, labels, 3).sum().backward()
-    assert h.grad is not None and frozen.grad is None
+    # A frozen head: its gradient is not computed at all (not computed and dropped). The backward pass of
+    # 4 chunks (11 positions, 3 at a time) recomputes each chunk's logits and its hidden gradient (2 matrix
+    # products a chunk); a trainable head adds its own gradient (a third).
+    for trainable, products in ((True, 3 * 4), (False, 2 * 4)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trainable)
+        loss = _head_nll(h, w, None, labels, 3).sum()
+        with _CountMatmuls() as count:
+            loss.backward()
+        assert count.n == products, (trainable, count.n)
+        assert h.grad is not None and (w.grad is not None) == trainable
 
 
 def test_soft_capped_logits_keep_the_plain_path(tmp_path):

@@ -67,9 +67,8 @@ def test_equals_peft_merge_and_unload(tmp_path, model_type, dtype, tied, variant
     out = tmp_path / "merged"
     assert cli("merge-adapter", base, adapter, out, "--quiet") == 0
     want = _peft_merged(base, adapter)
-    got = _ours(out)
-    assert set(got) <= set(want) and len(got) >= len(want) - 1  # a tied head is stored once
-    changed = 0
+    got, before = _ours(out), _ours(base)
+    assert set(got) == set(before) and set(got) <= set(want) and len(got) >= len(want) - 1  # a tied head once
     for name, t in got.items():
         w = want[name]
         assert t.dtype == w.dtype == getattr(torch, dtype), name
@@ -79,8 +78,13 @@ def test_equals_peft_merge_and_unload(tmp_path, model_type, dtype, tied, variant
             assert torch.allclose(t, w, rtol=1e-6, atol=1e-7), name
         else:
             assert torch.allclose(t.float(), w.float(), rtol=2 ** -7, atol=1e-4), name
-        changed += name.endswith("proj.weight")
-    assert changed == 2 * 7  # every linear module of both layers was merged
+    # What the merge changed, tensor by tensor against the base: every linear module of both layers (and
+    # the modules saved whole); every other tensor is the base's, bit for bit.
+    changed = {name for name, t in got.items() if not torch.equal(t, before[name])}
+    linear = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert changed == linear | {f"{m}.weight" for m in variant.get("modules_to_save", [])}
     meta = json.loads((out / "upstack.json").read_text())["merge_adapter"]
     assert meta["r"] == 4 and meta["modules"] == 14
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
@@ -117,6 +121,36 @@ def test_adapter_of_another_base_is_refused_and_nothing_is_written(tmp_path, cap
     deeper = build_tiny_model(tmp_path / "deeper", "llama", num_hidden_layers=3)
     assert cli("merge-adapter", base, _adapter(deeper, tmp_path / "a3"), out) == 2
     assert "no weight in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["embed_tokens", "lm_head"])
+def test_tied_pair_saved_whole(tmp_path, capsys, name):
+    """A base that ties its head to its embedding: an adapter that trained the pair as one matrix (PEFT's
+    ensure_weight_tying, which saves it under both names) merges into a checkpoint that stores it once and
+    computes PEFT's logits; one that trained one of them apart from the other (no tied checkpoint computes
+    it) is refused in one line, and nothing is written."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", "llama", num_hidden_layers=2, tie_word_embeddings=True)
+    together = _adapter(base, tmp_path / "together", modules_to_save=[name], ensure_weight_tying=True)
+    out = tmp_path / "merged"
+    assert cli("merge-adapter", base, together, out, "--quiet") == 0
+    assert "lm_head.weight" not in _ours(out)
+    ids = torch.tensor([[1, 5, 9, 40, 41]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), together)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert (want - plain).abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    apart = _adapter(base, tmp_path / "apart", modules_to_save=[name])
+    assert cli("merge-adapter", base, apart, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "ties its output head to its embedding model.embed_tokens.weight" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_adapter_folders(tmp_path, capsys):

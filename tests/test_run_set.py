@@ -2,6 +2,8 @@
 the file's options are (types, the stage's own value checks, inputs), and a misspelled stage or option is
 one line with a "did you mean"."""
 
+import json
+
 import pytest
 
 from upstack.errors import ConfigError
@@ -78,9 +80,19 @@ def test_cli(capsys, monkeypatch, tmp_path):
     from upstack.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["run", RECIPE, "--set", "sft_math.max_steps=7", "--set", "dpo.beta=0.3", "--dry-run",
-                 "--json"]) == 0
-    capsys.readouterr()
+
+    def plan(*sets):
+        assert main(["run", RECIPE, *sets, "--dry-run", "--json"]) == 0
+        return {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+
+    # The plan the CLI prints follows the --set values: sft_math trains LoRA adapters, dpo a smaller batch.
+    before = plan()
+    after = plan("--set", "sft_math.lora=true", "--set", "dpo.batch_size=1")
+    assert before["sft_math"]["train_method"] == "full" and after["sft_math"]["train_method"] == "lora"
+    assert after["sft_math"]["train_memory_bytes"] == before["sft_math"]["memory"]["lora"]["total"]
+    assert after["dpo"]["train_memory_bytes"] < before["dpo"]["train_memory_bytes"]
+    assert {k: v for k, v in after.items() if k not in ("sft_math", "dpo")} == \
+           {k: v for k, v in before.items() if k not in ("sft_math", "dpo")}
     assert main(["run", RECIPE, "--set", "sft_mth.max_steps=7", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "did you mean sft_math?" in err and "Traceback" not in err

@@ -215,3 +215,59 @@ def test_bad_dpo_options(model_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "row 1" in err and "rejected" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference log-prob cache (<out>.work/ref_logps.safetensors) knows its inputs
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at_step_1(run, step):
+    if step == 1:
+        raise _Crash()
+
+
+@pytest.mark.parametrize("change", [None, "data", "ref_model"])
+def test_reference_logp_cache_is_rebuilt_when_its_inputs_change(model_dir, tmp_path, monkeypatch, change):
+    """A run that crashed after scoring the reference leaves its cache in the work folder. Run again with the
+    same inputs: the cache is reused as it is. Change the data file's content or the reference model's
+    weights (same paths): the cache is scored again, and the loss curve is a fresh run's on the new inputs."""
+    from safetensors.torch import load_file
+
+    from upstack.train import loop
+    from upstack.train.dpo import _cache_key, dpo
+
+    ref = build_tiny_model(tmp_path / "ref", "llama", num_hidden_layers=2, vocab_size=256, seed=1)
+    data = pair_file(tmp_path)
+    cache = tmp_path / "out.work" / "ref_logps.safetensors"
+
+    def run(out, **kw):
+        return dpo(dpo_cfg(model_dir, tmp_path, [str(data)], out=str(out), ref_model=str(ref), max_steps=3,
+                           learning_rate=1e-3, keep_checkpoints=True, **kw))
+
+    monkeypatch.setattr(loop, "STEP_CALLBACKS", [_crash_at_step_1])
+    with pytest.raises(_Crash):
+        run(tmp_path / "out")
+    assert cache.is_file() and not (tmp_path / "out").exists()
+    old_key, old_values, old_mtime = _cache_key(cache), load_file(str(cache))["train"], cache.stat().st_mtime_ns
+    if change == "data":   # the same file, its pairs' sides swapped
+        rows = [json.loads(x) for x in data.read_text().splitlines()]
+        data.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                                for r in rows))
+    elif change == "ref_model":   # the same folder, other weights
+        build_tiny_model(tmp_path / "ref", "llama", num_hidden_layers=2, vocab_size=256, seed=2)
+    monkeypatch.setattr(loop, "STEP_CALLBACKS", [])
+    run(tmp_path / "out")
+    new_values = load_file(str(cache))["train"]
+    if change is None:
+        assert _cache_key(cache) == old_key and cache.stat().st_mtime_ns == old_mtime
+        assert torch.equal(new_values, old_values)
+    else:
+        assert _cache_key(cache) != old_key and not torch.equal(new_values, old_values)
+    run(tmp_path / "fresh")   # the same inputs, no cache
+    assert torch.equal(load_file(str(tmp_path / "fresh.work" / "ref_logps.safetensors"))["train"], new_values)
+    got, want = train_records(tmp_path / "out"), train_records(tmp_path / "fresh")
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["rewards/margin"] for r in got] == [r["rewards/margin"] for r in want]

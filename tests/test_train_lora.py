@@ -166,6 +166,64 @@ def test_adapter_only_and_modules_to_save(model_dir, tmp_path):
     assert torch.equal(base["model.norm.weight"], merged["model.norm.weight"])
 
 
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tied", "llama", num_hidden_layers=2,
+                            tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("name", ["lm_head", "embed_tokens"])
+def test_modules_to_save_on_a_tied_model_keeps_the_tie(tied_model_dir, tmp_path, monkeypatch, name):
+    """A model that ties its head to its embedding stores one matrix: --lora-modules-to-save naming either
+    trains that one matrix (PEFT's ensure_weight_tying), so the merged checkpoint's logits are the trained
+    PEFT model's, and PEFT loads the saved adapter to the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from upstack.train import checkpointing
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    trained, release = {}, checkpointing.release_weights
+
+    def logits_then_release(model):   # the trained model, just before the merge frees it
+        with torch.no_grad():
+            trained["logits"] = model.eval()(input_ids=ids).logits.clone()
+        release(model)
+
+    monkeypatch.setattr(checkpointing, "release_weights", logits_then_release)
+    data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))
+    out = tmp_path / "out"
+    assert cli("sft", tied_model_dir, "--data", data, "--out", out, "--lora", "--lora-modules-to-save", name,
+               "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--no-packing", "--max-length", "64",
+               *COMMON) == 0
+    base, merged = tensors(tied_model_dir), tensors(out)
+    assert set(merged) == set(base) and "lm_head.weight" not in merged       # still stored once, tied
+    assert not torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+    with torch.no_grad():
+        via_merged = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        via_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied_model_dir),
+                                             out / "adapter")(ids).logits
+        via_base = AutoModelForCausalLM.from_pretrained(tied_model_dir)(ids).logits
+    assert (via_merged - via_base).abs().max() > 0.1                      # training moved the logits
+    torch.testing.assert_close(via_merged, trained["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(via_peft, trained["logits"], rtol=0, atol=1e-5)
+
+
+def test_tied_pair_peft_cannot_keep_is_refused_before_training(tied_model_dir, tmp_path, capsys, monkeypatch):
+    """PEFT keeps a tie only for modules named embed_tokens / lm_head: a tied model named otherwise (simulated
+    here by narrowing PEFT's list) is refused in one line before any step, and nothing is written."""
+    import peft.utils.constants as constants
+
+    monkeypatch.setattr(constants, "EMBEDDING_LAYER_NAMES", ["wte", "lm_head"])
+    data = write_jsonl(tmp_path / "a.jsonl", sft_rows(4))
+    out = tmp_path / "out"
+    assert cli("sft", tied_model_dir, "--data", data, "--out", out, "--lora", "--lora-modules-to-save",
+               "embed_tokens", "--max-steps", "1", *COMMON) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lora-modules-to-save embed_tokens: this model ties") and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "out.work" / "metrics.jsonl").exists()
+
+
 def test_qlora_runs_on_cpu_and_merges_into_the_unquantized_base(model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "a.jsonl", sft_rows(16))
@@ -215,6 +273,101 @@ def test_dpo_lora_reference_is_the_policy_without_its_adapter(model_dir, tmp_pat
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert train[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     assert train[-1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # and it trains
+
+
+def dpo_rows(n=16):
+    return [{"prompt": f"Is {i} even?", "chosen": "Yes." if i % 2 == 0 else "No.",
+             "rejected": "No." if i % 2 == 0 else "Yes."} for i in range(n)]
+
+
+DPO_FLAGS = ["--lora", "--lora-r", "4", "--lora-dropout", "0.05", "--max-length", "64", "--batch-size", "4",
+             "--lr", "1e-2", "--lr-scheduler", "constant", "--max-grad-norm", "0", *COMMON]
+
+
+def test_dpo_lora_scores_the_policy_without_dropout(model_dir, tmp_path, monkeypatch):
+    """DPO disables every dropout, LoRA's own included: once the adapters have moved (B != 0), two forward
+    passes of the policy over one batch in training mode give the same log-probs."""
+    from upstack.lm import scored_logps
+    from upstack.train import dpo as dpo_module
+
+    real, seen = dpo_module.pair_loss, []
+
+    def scored_twice(model, batch, **kw):
+        if model.training:
+            moved = any(bool(p.abs().sum() > 0) for n, p in model.named_parameters() if "lora_B" in n)
+            with torch.no_grad():
+                a, _ = scored_logps(model, batch)
+                b, _ = scored_logps(model, batch)
+            seen.append((moved, float((a - b).abs().max())))
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(dpo_module, "pair_loss", scored_twice)
+    data = write_jsonl(tmp_path / "p.jsonl", dpo_rows())
+    assert cli("dpo", model_dir, "--data", data, "--out", tmp_path / "out", "--max-steps", "3", *DPO_FLAGS) == 0
+    assert [moved for moved, _ in seen] == [False, True, True]
+    assert [diff for _, diff in seen] == [0.0, 0.0, 0.0]
+
+
+def plain_peft_dpo_losses(model_dir, data, *, steps: int, batch: int, beta: float = 0.1) -> list:
+    """The loss curve of a plain PyTorch + PEFT DPO loop over upstack's batches: LoRA r 4, alpha 8, dropout
+    0.05 switched off the way TRL does (trl's disable_dropout_in_model), the reference the policy with its
+    adapter disabled, sigmoid loss, AdamW lr 1e-2, no clipping."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from upstack.data.chat import encode_pairs
+    from upstack.data.loading import load_dpo_rows, parse_data_spec
+    from upstack.lm import collate_segments, forward_scored
+    from upstack.train.schedule import EpochOrder
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows, _ = load_dpo_rows([parse_data_spec(str(data))], skip_bad_rows=False, seed=0)
+    enc, pairs, _ = encode_pairs(tok, rows, 64)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    disable_dropout_in_model(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+
+    def logps(b):
+        logits, labels = forward_scored(model, b)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+        return -nll.view(labels.shape).sum(-1)
+
+    order = EpochOrder(len(pairs), 0)
+    losses = []
+    for step in range(steps):
+        idx = order.take(step * batch, batch)
+        seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+        b = collate_segments([[enc.get(s)] for s in seqs], tok.pad_token_id, False)
+        with torch.no_grad(), model.disable_adapter():
+            ref = logps(b)
+        pol = logps(b)
+        n = len(idx)
+        d = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+        loss = -F.logsigmoid(beta * d).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_dpo_lora_loss_equals_a_plain_peft_loop_without_dropout(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", dpo_rows())
+    out = tmp_path / "out"
+    assert cli("dpo", model_dir, "--data", data, "--out", out, "--max-steps", "4", *DPO_FLAGS) == 0
+    ours = [r["loss"] for r in metrics(out) if r["type"] == "train"]
+    plain = plain_peft_dpo_losses(model_dir, data, steps=4, batch=4)
+    assert ours == pytest.approx(plain, abs=1e-6)
+    assert all(abs(x - math.log(2)) > 1e-4 for x in plain[1:])   # the later steps see adapters with B != 0
 
 
 def test_resume_with_adapters_gives_the_uninterrupted_result(model_dir, tmp_path):

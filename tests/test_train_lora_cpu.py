@@ -88,6 +88,23 @@ def test_cpu_dropout_forward_and_backward_use_one_mask():
     assert torch.equal(CpuDropout(0.0).train()(x), x)
 
 
+def test_cpu_dropout_obeys_what_switches_nn_dropout_off():
+    """DPO turns dropout off by setting every nn.Dropout's p to 0 (lm.disable_dropout, as TRL's
+    disable_dropout_in_model does): CpuDropout is an nn.Dropout, so it is switched off with them and then
+    passes its input through in training mode, as the nn.Dropout it replaces does."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from upstack.lm import disable_dropout
+    from upstack.train.lora_cpu import CpuDropout
+
+    x = torch.randn(64, 48)
+    for switch in (disable_dropout, disable_dropout_in_model):
+        ours, library = CpuDropout(0.3).train(), torch.nn.Dropout(0.3).train()
+        switch(torch.nn.Sequential(ours, library))
+        assert ours.p == library.p == 0
+        assert torch.equal(ours(x), x) and torch.equal(library(x), x)
+
+
 def test_masks_are_the_same_when_gradient_checkpointing_recomputes():
     """Checkpointing restores the RNG state, so the recomputed forward draws the same mask: the gradients
     equal those of the plain forward."""
@@ -161,7 +178,9 @@ def test_tune_lora_layers_swaps_dropout_and_binds_the_branch():
     assert len(drops) == 14 and all(isinstance(d, CpuDropout) and d.p == 0.05 for d in drops)
     bound = [m for m in model.modules() if "forward" in vars(m)]
     assert len(bound) == 14 and all(not m.cast_input_dtype_enabled for m in bound)
-    assert tune_lora_layers(model, autocast=True) == 14            # a second call binds nothing twice
+    state = [(m, m.forward, dict(m.lora_dropout)) for m in bound]
+    assert tune_lora_layers(model, autocast=True) == 0             # a second call changes nothing
+    assert all(m.forward is f and dict(m.lora_dropout) == d for m, f, d in state)   # the same objects
     twin = copy.deepcopy(model)                                    # a deep copy runs its own layers
     assert all(m.forward.__self__ is m for m in twin.modules() if "forward" in vars(m))
 

@@ -70,13 +70,20 @@ def test_plan_parts_and_gpu_counts():
     assert dpo_ref["methods"]["lora"]["weights"] == lora["weights"]  # LoRA's reference is the same model
 
 
+# Peak memory of a real CPU run / the plan: fp32 (full and LoRA) measured 1.02-1.16x, LoRA under bf16-mixed
+# 1.22-1.39x (see the test's docstring).
+RATIO_BOUNDS = {"fp32": (0.95, 1.30), "bf16-mixed": (1.10, 1.55)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden,layers", [(256, 4), (512, 6)])
 @pytest.mark.parametrize("method", ["full", "lora", "lora-bf16-mixed"])
 def test_plan_matches_peak_memory_of_real_cpu_runs(tmp_path, hidden, layers, method):
-    """Measured here (2026-11-30): full training 1.13x / 1.07x the plan, LoRA 1.20x / 1.26x (the fixed
-    ~45 MB of the run itself weighs more on the small model), LoRA under bf16-mixed (bf16 base) 1.44x / 1.47x
-    (CPU autocast keeps the norms and the residual stream in fp32, where the plan counts 2 bytes); bound: 0.9x-1.6x."""
+    """Peak memory / the plan, measured here in four runs (2026-12-07; small / large model): full training
+    1.06-1.16x / 1.06-1.10x, LoRA 1.02-1.12x / 1.02-1.07x (the run's own fixed ~45 MB weighs more on the small
+    model), LoRA under bf16-mixed (bf16 base) 1.37-1.39x / 1.22-1.25x (CPU autocast keeps the norms and the
+    residual stream in fp32, where the plan counts 2 bytes). Bounds (RATIO_BOUNDS): the measured range
+    widened by 0.14-0.16x above and 0.07-0.12x below."""
     from upstack.train.memory import memory_plan
 
     model = build_tiny_model(tmp_path / "m", "llama", hidden_size=hidden, num_hidden_layers=layers,
@@ -98,7 +105,8 @@ def test_plan_matches_peak_memory_of_real_cpu_runs(tmp_path, hidden, layers, met
     plan = memory_plan(config, stage="sft", batch_size=2, max_length=256, dtype=dtype)
     ratio = result["peak"] / plan["methods"][method.split("-")[0]]["total"]
     print(f"{method} {hidden}: {ratio:.2f}x the plan")
-    assert 0.9 <= ratio <= 1.6, (ratio, result["peak"], plan["methods"][method])
+    low, high = RATIO_BOUNDS[dtype]
+    assert low <= ratio <= high, (ratio, result["peak"], plan["methods"][method.split("-")[0]])
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):

@@ -33,6 +33,50 @@ print(json.dumps(out))
 """
 
 
+def _wandb_records(path):
+    """The records of an offline wandb run file (`run-*.wandb`): LevelDB's log format (32 KiB blocks of
+    checksummed, possibly fragmented records) after a 7-byte `:W&B` header, each record one protobuf."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, part = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:                           # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):                     # FULL, or LAST of a fragmented record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part + payload)
+            part = b""
+            yield record
+        elif kind in (2, 3):                   # FIRST, MIDDLE
+            part += payload
+        else:                                  # zero padding at a block's end
+            pos += block - pos % block if pos % block else 0
+
+
+def wandb_logged(path) -> tuple[list, dict]:
+    """(train/loss at each logged step, in step order; the run's config) from an offline wandb run file."""
+    losses, config = {}, {}
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            # "train/loss" is stored as the nested key ["train", "loss"]
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            if "train/loss" in items:
+                losses[items["_step"]] = items["train/loss"]
+        elif kind in ("run", "config"):
+            update = record.run.config.update if kind == "run" else record.config.update
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update})
+    return [losses[k] for k in sorted(losses)], config
+
+
 @pytest.mark.slow
 def test_metrics_reach_wandb_mlflow_and_trackio_offline(tmp_path):
     for package in ("wandb", "mlflow", "trackio"):
@@ -54,7 +98,11 @@ def test_metrics_reach_wandb_mlflow_and_trackio_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert len(ours) == 3
-    assert list((tmp_path / "wandb").rglob("*.wandb")), "no offline wandb run file"
+    files = list((tmp_path / "wandb").rglob("*.wandb"))
+    assert len(files) == 1, files
+    wandb_loss, wandb_config = wandb_logged(files[0])
+    assert wandb_loss == pytest.approx(ours)
+    assert wandb_config["stage"] == "sft" and wandb_config["max_steps"] == 3
     read = subprocess.run([sys.executable, "-c", READ], env=env, capture_output=True, text=True, timeout=300)
     assert read.returncode == 0, read.stderr[-3000:]
     got = json.loads(read.stdout.strip().splitlines()[-1])

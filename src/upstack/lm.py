@@ -300,7 +300,8 @@ def supports_packed_positions(model) -> bool:
 
 
 def disable_dropout(model) -> None:
-    """Scoring the same sequences twice (DPO's policy and reference) must give the same log-probs."""
+    """Scoring the same sequences twice (DPO's policy and reference) must give the same log-probs: every
+    `nn.Dropout` (subclasses too: LoRA's CpuDropout, train/lora_cpu.py) and attention dropout set to 0."""
     import torch.nn as nn
 
     for mod in model.modules():
@@ -513,12 +514,21 @@ def token_nll(model, batch: dict, chunk_bytes: int | None = None):
     return nll.view(labels.shape), labels
 
 
-def _head_nll(hidden, weight, bias, labels, step: int):
+def _head_nll(hidden, weight, bias, labels, step: int, fp32_head_grad: bool | None = None):
     """Per-position NLL of `labels` under softmax(hidden @ weight.T + bias), computed `step` positions at a
     time (0 for positions labelled -100). Works like F.linear + F.cross_entropy (under autocast, in its
     dtype; the log-softmax in fp32), but keeps only each position's log-sum-exp for the backward pass,
-    which recomputes one chunk's logits at a time and turns them into the gradient in place."""
-    return _head_nll_fn().apply(hidden, weight, bias, labels, step)
+    which recomputes one chunk's logits at a time and turns them into the gradient in place.
+
+    The head's gradient is summed over the chunks in fp32. Each chunk's part is a matrix product of
+    fp32 operands with `fp32_head_grad` (the default on CPU, where adding a bf16 product into fp32 takes a
+    slow mixed-dtype pass), else (the default on every other device) a product in the compute dtype, as
+    autocast's F.linear computes the head's gradient (bf16 tensor cores, fp32 accumulation inside the
+    matmul, rounded once to bf16), then added to the fp32 sum: an fp32 product there would be a true-fp32
+    matmul as large as the head's forward (nothing enables TF32)."""
+    if fp32_head_grad is None:
+        fp32_head_grad = hidden.device.type == "cpu"
+    return _head_nll_fn().apply(hidden, weight, bias, labels, step, fp32_head_grad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -532,7 +542,7 @@ def _head_nll_fn():
 
     class HeadNLL(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, bias, labels, step):
+        def forward(ctx, hidden, weight, bias, labels, step, fp32_head_grad):
             dtype = compute_dtype(hidden, weight)
             with torch.autocast(hidden.device.type, enabled=False):
                 h, w = hidden.to(dtype), weight.to(dtype)
@@ -547,7 +557,7 @@ def _head_nll_fn():
                     torch.sub(lse[a:a + step], z.gather(1, target[a:a + step]).squeeze(1), out=nll[a:a + step])
                 nll.masked_fill_(~keep, 0.0)
             ctx.save_for_backward(h, w, b, keep, target, lse)
-            ctx.step = step
+            ctx.step, ctx.fp32_head_grad = step, fp32_head_grad
             ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
             return nll
 
@@ -573,13 +583,15 @@ def _head_nll_fn():
                         torch.mm(d, w, out=gh[a:a + step])
                     if need_w and one:  # the head's gradient as autocast's F.linear computes it
                         gw = d.t().mm(ha)
-                    elif need_w:  # summed over the chunks in fp32, from the fp32 gradient (adding a bf16
-                        gw.addmm_(p.t(), ha.float())  # product into fp32 takes a slow mixed-dtype pass)
+                    elif need_w and ctx.fp32_head_grad:  # summed over the chunks in fp32, of fp32 operands
+                        gw.addmm_(p.t(), ha.float())
+                    elif need_w:  # each chunk's product in the compute dtype, summed in fp32 (_head_nll)
+                        gw.add_(d.t().mm(ha))
                     if need_b:
                         gb.add_(d.sum(0, dtype=torch.float32))
             hd, wd, bd = ctx.dtypes
             return (None if gh is None else gh.to(hd), None if gw is None else gw.to(wd),
-                    None if gb is None else gb.to(bd), None, None)
+                    None if gb is None else gb.to(bd), None, None, None)
 
     return HeadNLL
 

@@ -33,6 +33,7 @@ from upstack.checkpoint.adapter_config import (
     module_scale,
     read_lora_config,
 )
+from upstack.arch import embed_name, get_arch, tied
 from upstack.checkpoint.dtypes import TORCH_DTYPE_NAMES
 from upstack.checkpoint.finite import NONFINITE_FLAG, all_finite, nonfinite_error
 from upstack.checkpoint.reader import (
@@ -222,8 +223,12 @@ def check_adapter_matches(adapter: Adapter, base: Checkpoint, base_label: str) -
         if mod.magnitude is not None and mod.magnitude.numel != mod.b.shape[0]:
             problems.append(f"module {mod.module}: DoRA magnitude has {mod.magnitude.numel} entries for "
                             f"{mod.b.shape[0]} output rows")
+    problems += _tie_problems(adapter, base, base_label)
+    head_copy = _tied_head_copy(adapter, base)
     for name, ref in adapter.replaced.items():
         target = base.tensors.get(name)
+        if name == head_copy:
+            continue
         if target is None:
             problems.append(f"tensor {name} (saved whole in the adapter) is not in {base_label}")
         elif tuple(target.shape) != tuple(ref.shape):
@@ -260,6 +265,45 @@ def check_replaced_finite(adapter: Adapter) -> None:
             raise CheckpointError(
                 f"{adapter.folder / ADAPTER_WEIGHTS}: tensor {ref.name!r} (saved whole: it replaces {name}) has "
                 f"non-finite values (NaN or inf); check the adapter, or pass {NONFINITE_FLAG} to write it anyway")
+
+
+def _tied_names(base: Checkpoint) -> tuple[str, str] | None:
+    """(embedding, head) tensor names of a base whose head is its embedding (tied), else None."""
+    arch = get_arch(base.config, allow_unknown=True)
+    emb = embed_name(base.tensors, arch)
+    if emb is None or not tied(base.config, base.tensors, arch):
+        return None
+    return emb, arch.head_name
+
+
+def _trained_together(adapter: Adapter, names: tuple[str, str]) -> bool:
+    """The adapter saved the tied embedding and head as one trained matrix (PEFT's modules_to_save with
+    ensure_weight_tying saves it under both names)."""
+    emb, head = names
+    return emb in adapter.replaced and head in adapter.replaced and \
+        load_tensor(adapter.replaced[emb]).equal(load_tensor(adapter.replaced[head]))
+
+
+def _tied_head_copy(adapter: Adapter, base: Checkpoint) -> str | None:
+    """The head tensor of a tied pair trained together, when the base stores the pair once (as its
+    embedding): the embedding written carries it. None otherwise."""
+    names = _tied_names(base)
+    if names is None or names[1] in base.tensors or not _trained_together(adapter, names):
+        return None
+    return names[1]
+
+
+def _tie_problems(adapter: Adapter, base: Checkpoint, base_label: str) -> list[str]:
+    """A base that ties its head to its embedding computes with one matrix for both: an adapter that replaced
+    one of them apart from the other (trained without keeping the tie) has no merged checkpoint that
+    computes what was trained."""
+    names = _tied_names(base)
+    if names is None or not set(names) & set(adapter.replaced) or _trained_together(adapter, names):
+        return []
+    return [f"{base_label} ties its output head to its embedding {names[0]}, and the adapter saved "
+            f"{' and '.join(n for n in names if n in adapter.replaced)} apart from the other (trained without "
+            "the tie; PEFT's ensure_weight_tying=True keeps it, as upstack's --lora-modules-to-save does): "
+            "no tied checkpoint computes that model"]
 
 
 def _merged_plan(name: str, base_ref: TensorRef, mod: LoraModule, dtype: str,

@@ -131,6 +131,33 @@ def _check_modules_to_save(model, names: list[str]) -> None:
                           "(e.g. embed_tokens, lm_head)")
 
 
+def _tied_embedding_names(model) -> Optional[tuple[str, str]]:
+    """(short name of the input embedding, of the output head) when the head's weight is the embedding's
+    (tie_word_embeddings), else None."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or getattr(head, "weight", None) is not getattr(emb, "weight", None):
+        return None
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n}
+    return names[id(emb)], names[id(head)]
+
+
+def _keeps_tie(model, to_save: list[str]) -> bool:
+    """True when --lora-modules-to-save names the embedding or the head of a model that ties them: PEFT then
+    trains one copy that both use (ensure_weight_tying), as the base does, so that the merged checkpoint
+    (which stores the embedding only) computes what was trained."""
+    tied = _tied_embedding_names(model)
+    if tied is None or not set(tied) & set(to_save):
+        return False
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    if not set(tied) <= set(EMBEDDING_LAYER_NAMES):
+        raise ConfigError(f"--lora-modules-to-save {','.join(to_save)}: this model ties its output head "
+                          f"{tied[1]} to its embedding {tied[0]}, and PEFT can keep that tie only for modules "
+                          f"named {' and '.join(EMBEDDING_LAYER_NAMES)}; train without saving them whole, or "
+                          "untie the model first")
+    return True
+
+
 def parameter_count(model) -> int:
     """The model's parameters, a 4-bit quantized weight counted by its original shape (bitsandbytes packs two
     4-bit values in each stored byte, so numel() would count half of them)."""
@@ -154,9 +181,10 @@ def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     # change -- and enable gradient checkpointing, which train/model.py does for every run.
     for p in model.parameters():
         p.requires_grad_(False)
+    tie = _keeps_tie(model, to_save)
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,
                     target_modules=targets, modules_to_save=to_save or None, use_rslora=cfg.use_rslora,
-                    use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM")
+                    use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tie)
     total = parameter_count(model)
     torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on --seed alone
     with warnings.catch_warnings():  # PEFT calls a transformers API that warns about its own deprecation

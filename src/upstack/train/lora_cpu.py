@@ -79,18 +79,18 @@ class _Dropout(torch.autograd.Function):
         return g, None
 
 
-class CpuDropout(nn.Module):
+class CpuDropout(nn.Dropout):
+    """`nn.Dropout` (same `p`, same switch) with skip sampling on CPU. A subclass, so that whatever turns
+    every `nn.Dropout` off by setting `p = 0` (upstack's `lm.disable_dropout` for DPO, TRL's
+    `disable_dropout_in_model`) turns this one off too."""
+
     def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
+        super().__init__(float(p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or x.numel() == 0:
             return F.dropout(x, self.p, self.training)
         return _Dropout.apply(x, self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class LoraBranch(torch.autograd.Function):
@@ -172,7 +172,7 @@ def tune_lora_layers(model, autocast: bool) -> int:
     """Swap PEFT's `nn.Dropout` in every LoRA layer for `CpuDropout`; under bf16 autocast also stop PEFT
     casting each module's bf16 input up to the fp32 adapter's dtype (the adapter's matmul casts it back to
     bf16 under autocast, so the copy changes nothing but the time); route each plain LoRA `Linear` through
-    `LoraBranch` on CPU. Returns the number of layers changed."""
+    `LoraBranch` on CPU. Returns the number of layers changed (0 when called again on the same model)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
@@ -182,12 +182,16 @@ def tune_lora_layers(model, autocast: bool) -> int:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
+        changed = False
         for name, drop in module.lora_dropout.items():
             if type(drop) is nn.Dropout and drop.p > 0:
                 module.lora_dropout[name] = CpuDropout(drop.p)
-        if autocast:
+                changed = True
+        if autocast and getattr(module, "cast_input_dtype_enabled", True):
             module.cast_input_dtype_enabled = False
+            changed = True
         if type(module) in branch_types and "forward" not in vars(module):
             module.forward = types.MethodType(_lora_linear_forward, module)
-        n += 1
+            changed = True
+        n += changed
     return n
