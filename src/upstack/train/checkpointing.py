@@ -20,7 +20,7 @@ from upstack.checkpoint import (
 from upstack.config import config_to_dict
 from upstack.lm import read_upstack_json
 from upstack.outputs import atomic_output_dir, disk_full_error, is_disk_full
-from upstack.train.lora import ADAPTER_DIR, peft_model_of
+from upstack.train.lora import ADAPTER_DIR, parameter_count, peft_model_of
 from upstack.train.metrics import trim_heap
 from upstack.train.rng import apply_rng_state, read_rng_state, rng_file
 from upstack.train.run import Run, list_checkpoints
@@ -83,12 +83,13 @@ def checkpoint_bytes(acc, sharded_model=None) -> int:
     return total
 
 
-def _saved_bytes(model, save_dtype: str) -> int:
-    """About what the final model takes on disk in `save_dtype`."""
+def saved_bytes(model, save_dtype: str) -> int:
+    """About what the final model takes on disk in `save_dtype`: every parameter, a QLoRA base's 4-bit
+    weights by their unpacked count (lora.parameter_count: numel() of the packed storage is half of it)."""
     import torch
 
     size = torch.empty(0, dtype=getattr(torch, save_dtype)).element_size()
-    return sum(p.numel() for p in model.parameters()) * size
+    return parameter_count(model) * size
 
 
 def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -> dict:
@@ -115,7 +116,7 @@ def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -
             summary["adapter"] = str(run.out / ADAPTER_DIR)
         run.metrics.write({"type": "summary", **{k: v for k, v in summary.items() if k != "data"}})
         run.metrics.close()
-        need = _saved_bytes(acc.unwrap_model(model), save_dtype)
+        need = saved_bytes(acc.unwrap_model(model), save_dtype)
         with atomic_output_dir(run.out, overwrite=cfg.overwrite, need_bytes=need) as tmp:
             if peft is not None:
                 _save_adapter_output(run, peft, tmp, save_dtype, state_dict)
