@@ -35,7 +35,8 @@ def json_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any, ValueEr
     return numbered_json_lines(enumerate(lines, 1))
 
 
-def numbered_json_lines(lines: Iterable[tuple[int, str | bytes]]) -> Iterator[tuple[int, Any, ValueError | None]]:
+def numbered_json_lines(lines: Iterable[tuple[int, str | bytes]]
+                        ) -> Iterator[tuple[int, Any, ValueError | None]]:
     """json_lines of (line number, line) pairs (a reader that skips blank lines in bulk numbers them)."""
     for n, line in lines:
         if not line.strip():

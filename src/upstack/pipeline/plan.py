@@ -215,7 +215,8 @@ def estimate_model_user(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
 ESTIMATORS: dict[str, Callable[[Stage, Recipe, Estimates], dict]] = {
     "base": estimate_base, "upscale": estimate_upscale,
     "pretrain": estimate_training, "sft": estimate_training, "dpo": estimate_training,
-    "merge": estimate_merge, "merge-adapter": estimate_merge_adapter, "eval": estimate_inference, "contamination": estimate_inference,
+    "merge": estimate_merge, "merge-adapter": estimate_merge_adapter,
+    "eval": estimate_inference, "contamination": estimate_inference,
     "synth-math": estimate_model_user,
 }
 

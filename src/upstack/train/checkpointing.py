@@ -83,7 +83,7 @@ def checkpoint_bytes(acc, sharded_model=None) -> int:
     return total
 
 
-def saved_bytes(model, save_dtype: str) -> int:
+def _saved_bytes(model, save_dtype: str) -> int:
     """About what the final model takes on disk in `save_dtype`: every parameter, a QLoRA base's 4-bit
     weights by their unpacked count (lora.parameter_count: numel() of the packed storage is half of it)."""
     import torch
@@ -116,7 +116,7 @@ def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -
             summary["adapter"] = str(run.out / ADAPTER_DIR)
         run.metrics.write({"type": "summary", **{k: v for k, v in summary.items() if k != "data"}})
         run.metrics.close()
-        need = saved_bytes(acc.unwrap_model(model), save_dtype)
+        need = _saved_bytes(acc.unwrap_model(model), save_dtype)
         with atomic_output_dir(run.out, overwrite=cfg.overwrite, need_bytes=need) as tmp:
             if peft is not None:
                 _save_adapter_output(run, peft, tmp, save_dtype, state_dict)
