@@ -214,11 +214,29 @@ def disk_full_error(where: str | Path, need_bytes: int | None = None) -> DiskFul
         while not parent.exists():
             parent = parent.parent
     try:
-        free = f"; {shutil.disk_usage(parent).free / 1e9:.2f} GB free in {parent}"
+        free_bytes = shutil.disk_usage(parent).free
     except OSError:
-        free = ""
-    need = f", about {need_bytes / 1e9:.2f} GB needed" if need_bytes else ""
+        free_bytes = None
+    need_text, free_text = format_sizes(need_bytes or 0, free_bytes or 0)
+    free = f"; {free_text} free in {parent}" if free_bytes is not None else ""
+    need = f", about {need_text} needed" if need_bytes else ""
     return DiskFullError(f"disk full while writing {where} (the partial output was removed{need}{free})")
+
+
+def format_sizes(*sizes: int) -> list[str]:
+    """Byte counts for one message, each in GB from 1 GB, else MB, KB or bytes, with two decimals, or more
+    where two different sizes would read the same: "12.35 MB needed; 12.31 MB free", never
+    "0.01 GB needed; 0.01 GB free"."""
+    def text(n: int, decimals: int) -> str:
+        unit, scale = next(((u, s) for u, s in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)) if n >= s),
+                           ("bytes", 1))
+        return f"{n} bytes" if scale == 1 else f"{n / scale:.{decimals}f} {unit}"
+
+    for decimals in range(2, 10):
+        texts = [text(n, decimals) for n in sizes]
+        if len(set(texts)) == len(set(sizes)):
+            return texts
+    return [f"{n:,} bytes" for n in sizes]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, layer_plan: LayerPlan, dtype:
 
 def count_parameters_from_config(config: dict) -> int:
     """Exact parameter count of a config, by building the model on the meta device (no memory)."""
-    model_type = config["model_type"]
+    model_type = config.get("model_type")  # none: meta_model's KeyError, reported below
     try:
         model = meta_model(config)
     except Exception as e:  # transformers raises several types for configs it cannot build

@@ -105,6 +105,9 @@ def _add_common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--logging-steps", type=int, help="metrics every N steps (default 10)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed rows, and report them")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in OUT.work")
+    p.add_argument("--resume-ignore-rng", action="store_true", default=None,
+                   help="with --resume: continue even when the checkpoint's RNG state file is missing or corrupt "
+                        "(refused otherwise); the run then differs from an uninterrupted one")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT (and discard OUT.work)")
     p.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep OUT.work after success")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)

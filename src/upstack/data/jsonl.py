@@ -32,7 +32,13 @@ def loads(text: str | bytes) -> Any:
 def json_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any, ValueError | None]]:
     """(line number, value, None) for each non-blank line that parses, (line number, None, error) for
     one that does not (json.JSONDecodeError, UnicodeDecodeError for bytes that are not UTF-8, NulBytes)."""
-    for n, line in enumerate(lines, 1):
+    return numbered_json_lines(enumerate(lines, 1))
+
+
+def numbered_json_lines(lines: Iterable[tuple[int, str | bytes]]
+                        ) -> Iterator[tuple[int, Any, ValueError | None]]:
+    """json_lines of (line number, line) pairs (a reader that skips blank lines in bulk numbers them)."""
+    for n, line in lines:
         if not line.strip():
             continue
         nul = b"\0" if isinstance(line, bytes) else "\0"

@@ -6,8 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from upstack.checkpoint import open_adapter
+from upstack.errors import UpstackError
+from upstack.lm import check_model_path
 from upstack.outputs import file_identity
-from upstack.pipeline.recipe import Recipe, Stage
+from upstack.pipeline.recipe import MODEL_KEYS, Recipe, Stage
 from upstack.report import MARKER
 
 
@@ -62,9 +65,39 @@ def input_files(st: Stage, recipe: Recipe) -> dict[str, str]:
     return found
 
 
+def _outside(p: Path, run_dir: Path) -> bool:
+    r = p.resolve()
+    return r != run_dir and run_dir not in r.parents
+
+
+def check_model_inputs(st: Stage, recipe: Recipe) -> None:
+    """The checkpoint gate (lm.check_model_path; open_adapter for an adapter) for every local model folder a
+    stage names outside the run folder, before its files are read for the fingerprint: `model: /` is one
+    line at once, not a walk of the whole file system. Hub ids and earlier stages' outputs are left to
+    the stage itself."""
+    run_dir = recipe.run_dir.resolve()
+    allow_pickle = bool(st.resolved.get("allow_pickle"))
+    for key in MODEL_KEYS:
+        value = st.resolved.get(key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, dict):
+                v = v.get("model")
+            if not isinstance(v, str) or not v or not Path(v).expanduser().exists():
+                continue
+            p = Path(v).expanduser()
+            if not _outside(p, run_dir):
+                continue
+            if key == "adapter":
+                open_adapter(p)
+            else:
+                check_model_path(str(p), f"stage {st.name!r}: {key}", allow_pickle=allow_pickle)
+
+
 def stage_fingerprint(st: Stage, recipe: Recipe) -> str:
     """A hash of the stage's type and resolved options, its input stages' fingerprints and the content
-    identity of the files it reads: a changed data file re-runs the stage."""
+    identity of the files it reads: a changed data file re-runs the stage. Model folders pass the
+    checkpoint gate first (check_model_inputs)."""
+    check_model_inputs(st, recipe)
     h = hashlib.sha256()
     h.update(json.dumps({"type": st.type, "config": st.resolved}, sort_keys=True, default=str).encode())
     for dep in st.deps:
@@ -80,5 +113,5 @@ def stage_done(st: Stage, recipe: Recipe) -> bool:
         return False
     try:
         return json.loads(marker.read_text()).get("fingerprint") == stage_fingerprint(st, recipe)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UpstackError):  # an input the gate refuses: the stage runs, and says so
         return False

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from upstack.arch import get_arch, num_layers, remap_config
 from upstack.base import BaseConfig, model_config_dict
-from upstack.checkpoint import read_config
+from upstack.checkpoint import DTYPE_SIZES, normalize_dtype, read_config
 from upstack.config import config_from_dict
 from upstack.errors import UpstackError
 from upstack.hub import KNOWN_CONFIGS
@@ -199,6 +199,17 @@ def estimate_merge(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
     return _inherit(st, recipe, sizes, MODEL_KEYS + ("disk_bytes",))
 
 
+def estimate_merge_adapter(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
+    """The merged model: the base's tensors, so the base's size (an earlier stage's estimate, or the base
+    folder's weight files), or its parameters in `dtype` when the stage sets one."""
+    base = st.resolved.get("base")
+    info = _input_estimate(st, recipe, sizes, base) or _local_model(base)
+    info = {k: info[k] for k in MODEL_KEYS + ("disk_bytes",) if k in info}
+    if st.resolved.get("dtype") and "num_parameters" in info:
+        info["disk_bytes"] = info["num_parameters"] * DTYPE_SIZES[normalize_dtype(str(st.resolved["dtype"]))]
+    return info
+
+
 def estimate_inference(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
     """eval, contamination: bf16 weights (contamination also holds the reference model)."""
     info = _inherit(st, recipe, sizes, MODEL_KEYS)
@@ -216,7 +227,8 @@ def estimate_model_user(st: Stage, recipe: Recipe, sizes: Estimates) -> dict:
 ESTIMATORS: dict[str, Callable[[Stage, Recipe, Estimates], dict]] = {
     "base": estimate_base, "import": estimate_import, "upscale": estimate_upscale,
     "pretrain": estimate_training, "sft": estimate_training, "dpo": estimate_training,
-    "merge": estimate_merge, "eval": estimate_inference, "contamination": estimate_inference,
+    "merge": estimate_merge, "merge-adapter": estimate_merge_adapter,
+    "eval": estimate_inference, "contamination": estimate_inference,
     "synth-math": estimate_model_user,
 }
 

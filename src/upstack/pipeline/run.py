@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import difflib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -73,9 +74,16 @@ def _forced_stages(recipe: Recipe, from_stage: str | None, only: str | None) -> 
 
 
 def _disk_estimate(st: Stage, recipe: Recipe, sizes: dict[str, dict]) -> dict:
+    """The stage's size estimate for the disk check; {} (no check) when an input cannot be estimated for a
+    reason the stage itself reports when it runs: a user's mistake (UpstackError: a config.json that is no
+    model, a LoRA rank too large) or a file that cannot be read (OSError). Anything else is a bug in an
+    estimator, and shows: a swallowed one would turn the disk check off without a word."""
+    if not STAGE_TYPES[st.type].checkpoint:
+        return {}
     try:
-        return estimate_stage(st, recipe, sizes) if STAGE_TYPES[st.type].checkpoint else {}
-    except Exception:  # an estimate is best effort; the stage itself validates its inputs
+        return estimate_stage(st, recipe, sizes)
+    except (UpstackError, OSError) as e:
+        logging.getLogger("upstack.pipeline").debug("stage %r: no disk estimate (%s)", st.name, e)
         return {}
 
 

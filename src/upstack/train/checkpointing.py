@@ -20,8 +20,9 @@ from upstack.checkpoint import (
 from upstack.config import config_to_dict
 from upstack.lm import read_upstack_json
 from upstack.outputs import atomic_output_dir, disk_full_error, is_disk_full
-from upstack.train.lora import ADAPTER_DIR, peft_model_of
+from upstack.train.lora import ADAPTER_DIR, parameter_count, peft_model_of
 from upstack.train.metrics import trim_heap
+from upstack.train.rng import apply_rng_state, read_rng_state, rng_file
 from upstack.train.run import Run, list_checkpoints
 from upstack.train.sharding import full_state_dict, load_sharded, save_sharded
 
@@ -61,9 +62,13 @@ def save_checkpoint(run: Run, step: int, extra: dict) -> None:
 
 
 def load_checkpoint(run: Run, folder) -> None:
-    """Model, optimizer and RNG states of a resumable checkpoint (save_checkpoint's inverse)."""
+    """Model, optimizer and RNG states of a resumable checkpoint (save_checkpoint's inverse). The RNG files
+    were checked when the resume point was chosen (run._check_rng_files); with --resume-ignore-rng and a
+    bad one, the generators keep their seeded state (accelerate's load_state skips such a file itself)."""
     if run.sharding == "fsdp":
         load_sharded(folder, run.rank, run.model, run.optimizer)
+        if run.rng_restorable:
+            apply_rng_state(read_rng_state(rng_file(folder, run.rank, run.sharding)))
     else:
         run.accelerator.load_state(str(folder))
 
@@ -79,11 +84,12 @@ def checkpoint_bytes(acc, sharded_model=None) -> int:
 
 
 def _saved_bytes(model, save_dtype: str) -> int:
-    """About what the final model takes on disk in `save_dtype`."""
+    """About what the final model takes on disk in `save_dtype`: every parameter, a QLoRA base's 4-bit
+    weights by their unpacked count (lora.parameter_count: numel() of the packed storage is half of it)."""
     import torch
 
     size = torch.empty(0, dtype=getattr(torch, save_dtype)).element_size()
-    return sum(p.numel() for p in model.parameters()) * size
+    return parameter_count(model) * size
 
 
 def save_final(run: Run, model, tokenizer, summary: dict, *, input_dtype: str) -> dict:

@@ -68,6 +68,7 @@ class TrainConfig:
     logging_steps: int = 10
     skip_bad_rows: bool = False
     resume: bool = False
+    resume_ignore_rng: bool = False             # --resume even when a checkpoint's RNG state file is missing or corrupt
     overwrite: bool = False
     keep_checkpoints: bool = False              # keep <out>.work after success
     tensorboard: bool = True

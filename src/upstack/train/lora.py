@@ -37,6 +37,11 @@ def _names(value: Union[str, list, None]) -> list[str]:
     return [str(x).strip() for x in items if str(x).strip()]
 
 
+def lora_target_names(value: Union[str, list, None]) -> list[str]:
+    """--lora-targets as a list of short module names (or [all-linear])."""
+    return _names(value)
+
+
 def lora_alpha(cfg) -> float:
     return float(cfg.lora_alpha) if cfg.lora_alpha is not None else 2.0 * cfg.lora_r
 
@@ -123,6 +128,20 @@ def target_modules(model, cfg, model_dir: str) -> tuple[list[str], Optional[list
     return found, layers
 
 
+def rank_problem(r: int, shapes: dict[str, tuple[int, int]]) -> Optional[str]:
+    """Why rank `r` cannot adapt the layers `shapes` ({name: (in_features, out_features)}), or None: a
+    rank above min(in, out) of a layer adds parameters without adding rank (PEFT would allocate them all:
+    r = 1e11 fails allocating after the model is loaded)."""
+    if not shapes:
+        return None
+    name, (n_in, n_out) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    bound = min(n_in, n_out)
+    if r <= bound:
+        return None
+    return (f"lora_r: {r} is more than the adapted layers allow: the rank must be <= min(in, out) of each "
+            f"adapted layer, and {name} maps {n_in} -> {n_out}, so r <= {bound} here")
+
+
 def _check_modules_to_save(model, names: list[str]) -> None:
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
     missing = [n for n in names if n not in present]
@@ -174,6 +193,10 @@ def apply_lora(model, cfg, model_dir: str) -> tuple[Any, dict]:
     from peft import LoraConfig, get_peft_model
 
     targets, layers = target_modules(model, cfg, model_dir)
+    modules = dict(model.named_modules())
+    problem = rank_problem(cfg.lora_r, {n: (modules[n].in_features, modules[n].out_features) for n in targets})
+    if problem:
+        raise ConfigError(problem)
     to_save = _names(cfg.lora_modules_to_save)
     _check_modules_to_save(model, to_save)
     # No peft.prepare_model_for_kbit_training for QLoRA: it would cast every frozen bf16 weight the 4-bit

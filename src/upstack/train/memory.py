@@ -35,6 +35,7 @@ from typing import Optional
 from upstack.checkpoint import meta_model
 from upstack.errors import ConfigError
 from upstack.lm import loss_chunk_bytes
+from upstack.train.lora import ALL_LINEAR, lora_enabled, lora_target_names, rank_problem
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4-bit values + 8-bit absmax per 64 + fp32 per 256 absmax blocks
 GIB = 1 << 30
@@ -52,9 +53,10 @@ def _dims(config: dict) -> tuple[int, int, int, int, int, int]:
     return h, kv, i, cfg["num_hidden_layers"], heads, cfg["vocab_size"]
 
 
-def parameter_counts(config: dict, lora_r: int) -> dict:
+def parameter_counts(config: dict, lora_r: int, lora_targets=None) -> dict:
     """{"total": P, "layer_linear": L_lin, "adapter": A, "adapter_inputs": the summed input width of the
-    adapted modules} from the config (meta device, no memory)."""
+    adapted modules, "shapes": {name: (in, out)} of the modules --lora-targets names (all of them for
+    all-linear or None)} from the config (meta device, no memory)."""
     import torch.nn as nn
 
     try:
@@ -64,13 +66,17 @@ def parameter_counts(config: dict, lora_r: int) -> dict:
                           f"({type(e).__name__}: {e})") from None
     head = model.get_output_embeddings()
     total = sum(p.numel() for p in model.parameters())
+    wanted = set(lora_target_names(lora_targets)) if lora_targets is not None else {ALL_LINEAR}
     lin = adapter = inputs = 0
+    shapes = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and mod is not head:
             lin += mod.weight.numel()
             adapter += lora_r * (mod.in_features + mod.out_features)
             inputs += mod.in_features
-    return {"total": total, "layer_linear": lin, "adapter": adapter, "adapter_inputs": inputs}
+            if ALL_LINEAR in wanted or name.rsplit(".", 1)[-1] in wanted:
+                shapes[name] = (mod.in_features, mod.out_features)
+    return {"total": total, "layer_linear": lin, "adapter": adapter, "adapter_inputs": inputs, "shapes": shapes}
 
 
 def activation_bytes(config: dict, tokens: int, *, a_bytes: int, gradient_checkpointing: bool,
@@ -93,10 +99,14 @@ def memory_plan(config: dict, *, stage: str, batch_size: int, max_length: int, d
                 gradient_checkpointing: bool = False, lora_r: int = 16, lora_dropout: float = 0.05,
                 precompute_ref: bool = True,
                 attn_implementation: Optional[str] = None, gpu_memory: Optional[int] = None,
-                max_gpus: int = 4096) -> dict:
+                max_gpus: int = 4096, lora_targets=None, check_lora_rank: bool = False) -> dict:
     """Estimated bytes per method (weights, gradients, optimizer, activations, logits, total), and for
-    `gpu_memory` the number of GPUs each needs under FSDP (None when even `max_gpus` do not fit)."""
-    counts = parameter_counts(config, lora_r)
+    `gpu_memory` the number of GPUs each needs under FSDP (None when even `max_gpus` do not fit).
+    With `check_lora_rank` (a LoRA/QLoRA stage) a rank larger than an adapted layer is a ConfigError."""
+    counts = parameter_counts(config, lora_r, lora_targets)
+    problem = rank_problem(lora_r, counts["shapes"]) if check_lora_rank else None
+    if problem:
+        raise ConfigError(problem)
     p, lin, a = counts["total"], counts["layer_linear"], counts["adapter"]
     w = 2 if dtype == "bf16" else 4
     tokens = batch_size * max_length * (2 if stage == "dpo" else 1)
@@ -172,4 +182,5 @@ def stage_memory_plan(cfg, stage: str, config: dict, gpu_memory: Optional[int] =
     return memory_plan(config, stage=stage, batch_size=cfg.batch_size, max_length=cfg.max_length,
                        dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
                        lora_dropout=cfg.lora_dropout, precompute_ref=getattr(cfg, "precompute_ref", True),
-                       attn_implementation=cfg.attn_implementation, gpu_memory=gpu_memory)
+                       attn_implementation=cfg.attn_implementation, gpu_memory=gpu_memory,
+                       lora_targets=cfg.lora_targets, check_lora_rank=lora_enabled(cfg))

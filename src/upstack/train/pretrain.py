@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from upstack.data.loading import LoadReport, iter_text_documents
 from upstack.errors import ConfigError, DataError
@@ -61,40 +62,51 @@ TOKEN_FILE_VERSION = 2    # bump when the token file's layout or making changes 
 MAX_PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece: a fast tokenizer holds ~100 B a char
 
 
-def split_long_document(doc: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+def document_pieces(doc: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
     """`doc` in pieces of at most `max_chars` characters, each cut just before a whitespace character (so
     the next piece starts with it, as a word does inside the whole text); a run without whitespace is cut
-    at `max_chars`. Pieces concatenate back to `doc`."""
-    if len(doc) <= max_chars:
-        return [doc]
-    pieces, start = [], 0
+    at `max_chars`. Pieces concatenate back to `doc`; one is made at a time."""
+    start = 0
     while len(doc) - start > max_chars:
         end = start + max_chars
         cut = max((doc.rfind(c, start + 1, end) for c in " \n\t"), default=-1)
         if cut <= start:
             cut = end
-        pieces.append(doc[start:cut])
+        yield doc[start:cut]
         start = cut
-    pieces.append(doc[start:])
-    return pieces
+    yield doc[start:] if start else doc
+
+
+def split_long_document(doc: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+    """document_pieces as a list."""
+    return list(document_pieces(doc, max_chars))
+
+
+def document_id_pieces(tokenizer, doc: str, eos: int, max_chars: int = MAX_PIECE_CHARS) -> Iterator[list[int]]:
+    """The ids of one document, piece by piece, with eos at its end. A long document is tokenized in pieces
+    of `max_chars` (special tokens such as bos only before the first piece, eos only after the last), and
+    each piece's ids are handed on before the next piece is tokenized: a 200 MB line costs the tokenizer's
+    memory for 128K characters and one piece's ids at a time, never a Python list of all its ids (which
+    took 3.7 GB). For byte-level BPE tokenizers the ids equal those of the whole string; a SentencePiece one
+    may differ at the rare piece boundaries."""
+    pending: list[int] | None = None  # a piece's ids are held back until it is known whether it is the last
+    first = True
+    for piece in document_pieces(doc, max_chars):
+        part = tokenizer(piece, add_special_tokens=first)["input_ids"]
+        if first and len(piece) < len(doc) and part and part[-1] == eos:
+            part = part[:-1]  # a tokenizer that appends eos: only after the whole document
+        first = False
+        if pending:
+            yield pending
+        pending = part
+    if not pending or pending[-1] != eos:
+        pending = (pending or []) + [eos]
+    yield pending
 
 
 def document_ids(tokenizer, doc: str, eos: int, max_chars: int = MAX_PIECE_CHARS) -> list[int]:
-    """The ids of one document with eos at its end. A long document is tokenized piece by piece (special
-    tokens such as bos only before the first piece, eos only after the last), so a 15 MB line costs the
-    tokenizer's memory for 128K characters at a time (measured on a 6 MB line: 1.4 GB whole, 0.11 GB in
-    pieces). For byte-level BPE tokenizers the ids equal those of the whole string; a SentencePiece one
-    may differ at the rare piece boundaries."""
-    pieces = split_long_document(doc, max_chars)
-    ids: list[int] = []
-    for i, piece in enumerate(pieces):
-        part = tokenizer(piece, add_special_tokens=(i == 0))["input_ids"]
-        if i == 0 and len(pieces) > 1 and part and part[-1] == eos:
-            part = part[:-1]
-        ids += part
-    if not ids or ids[-1] != eos:
-        ids.append(eos)
-    return ids
+    """All of document_id_pieces in one list (for short documents and tests)."""
+    return [i for part in document_id_pieces(tokenizer, doc, eos, max_chars) for i in part]
 
 
 def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: bool, progress: bool,
@@ -103,7 +115,7 @@ def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: 
 
     Written to a temporary sibling and renamed, with `path.json` (metadata, with the inputs' `key`) last, so
     a half-written file is never mistaken for a finished one. Short documents are tokenized in batches,
-    longer ones than `max_chars` piece by piece (document_ids)."""
+    longer ones than `max_chars` piece by piece, each piece written as it is made (document_id_pieces)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -117,14 +129,16 @@ def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: 
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, leave=False)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
-            def write(ids: list[int]) -> None:
+            def write(ids: list[int], *, ends_document: bool = True) -> None:
                 nonlocal n_tokens, n_docs, max_id
                 arr = np.asarray(ids, dtype=dtype)
-                max_id = max(max_id, int(arr.max()))
+                if len(arr):
+                    max_id = max(max_id, int(arr.max()))
                 arr.tofile(f)
                 n_tokens += len(arr)
-                n_docs += 1
-                bar.update(1)
+                if ends_document:
+                    n_docs += 1
+                    bar.update(1)
 
             def flush(batch: list[str]) -> None:
                 if not batch:
@@ -137,7 +151,10 @@ def tokenize_to_file(specs, tokenizer, path: Path, *, seed: int, skip_bad_rows: 
                 if len(doc) > max_chars:
                     flush(batch)
                     batch = []
-                    write(document_ids(tokenizer, doc, eos, max_chars))
+                    for part in document_id_pieces(tokenizer, doc, eos, max_chars):
+                        write(part, ends_document=False)
+                    n_docs += 1
+                    bar.update(1)
                     continue
                 batch.append(doc)
                 if len(batch) >= batch_docs:

@@ -27,13 +27,14 @@ from upstack.outputs import check_output_free, file_identity, output_lock
 from upstack.train.config import TrainConfig, train_and_eval_specs
 from upstack.train.layers import check_train_layers
 from upstack.train.metrics import MetricsLog, report_to_names, reset_peak_rss
+from upstack.train.rng import rng_file, rng_problem
 
 log = logging.getLogger("upstack.train")
 
 # Options that may change between a run and its --resume (they do not change what is trained).
 IN_PIPELINE = "UPSTACK_IN_PIPELINE"  # set by `upstack run`: the process group outlives each training stage
-RESUME_FREE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "logging_steps",
-               "tensorboard", "report_to", "keep_checkpoints", "eval_steps"}
+RESUME_FREE = {"resume", "resume_ignore_rng", "overwrite", "progress", "save_steps", "save_total_limit",
+               "logging_steps", "tensorboard", "report_to", "keep_checkpoints", "eval_steps"}
 # What a failed start leaves that is not worth keeping (no checkpoint, no cache).
 _DISPOSABLE = {"run.json", "metrics.jsonl", "tensorboard"}
 
@@ -57,6 +58,7 @@ class Run:
     sharding: str = "none"                         # fsdp (upstack's FSDP2), deepspeed, ddp or none
     model: Any = None                              # under FSDP: the sharded model and its optimizer, for the
     optimizer: Any = None                          # sharded checkpoints (accelerate's save_state does not see them)
+    rng_restorable: bool = True                    # the resumed checkpoint's RNG files are all usable
 
     @property
     def is_main(self) -> bool:
@@ -281,8 +283,29 @@ def _find_resume_point(run: Run) -> None:
         run.resume_from = ckpts[-1][1]
         run.state = json.loads((run.resume_from / "trainer_state.json").read_text())
         run.log(f"resuming from {run.resume_from} (step {run.state['step']})")
+        _check_rng_files(run)
     else:
         run.log(f"{work} has no checkpoint yet; starting from the beginning")
+
+
+def _check_rng_files(run: Run) -> None:
+    """Every process's RNG state file in the checkpoint resumed from must restore its generators, or the
+    resume would silently draw other random numbers than the uninterrupted run: refused in one line naming
+    the file, unless --resume-ignore-rng (then one warning line, and the run goes on without them)."""
+    for rank in range(run.world):
+        path = rng_file(run.resume_from, rank, run.sharding)
+        why = rng_problem(path)
+        if why is None:
+            continue
+        run.rng_restorable = False
+        if not run.cfg.resume_ignore_rng:
+            raise CheckpointError(
+                f"cannot --resume from {run.resume_from}: its RNG state file {path} {why}; --resume-ignore-rng "
+                "(resume_ignore_rng: true in a recipe) resumes without it, and the run then differs from an "
+                "uninterrupted one; --overwrite without --resume starts over")
+        run.warn(f"{path} {why}: resuming without it (--resume-ignore-rng), so random numbers (dropout, ...) differ "
+                 "from here on and this run will differ from an uninterrupted one")
+        return
 
 
 def check_shared_work_dir(run: Run, text: str) -> None:

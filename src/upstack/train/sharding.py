@@ -198,10 +198,9 @@ def save_sharded(folder: Path, rank: int, model, optimizer) -> None:
 
 
 def load_sharded(folder: Path, rank: int, model, optimizer) -> None:
-    """The inverse of save_sharded (collective). DCP would reshard to another process count, but a resume
+    """The inverse of save_sharded (collective), but for the RNG state, which checkpointing.load_checkpoint
+    restores once it is known to be usable. DCP would reshard to another process count, but a resume
     with another count is refused earlier by the run identity (the data order per process differs)."""
-    import numpy as np
-    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
@@ -212,14 +211,6 @@ def load_sharded(folder: Path, rank: int, model, optimizer) -> None:
     dcp.load(states, checkpoint_id=str(Path(folder) / SHARDED_DIR))
     set_model_state_dict(model, states["model"])
     set_optimizer_state_dict(model, _inner(optimizer), states["optim"])
-    rng_file = Path(folder) / f"rng_state_{rank}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def launch_plan(cfg) -> dict:
