@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import cli
 from tiny import build_tiny_model
 
-from upstack.cli import main
 from upstack.pipeline import MARKER
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
@@ -24,17 +24,6 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", num_hidden_layers=2, vocab_size=256)
-
-
-def cli(*args):
-    """`upstack ARGS -q` in this process: (exit code, stderr)."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(args[0]), "-q", *map(str, args[1:])])
-    return rc, err.getvalue()
 
 
 def one_error_line(err: str) -> str:

@@ -2,9 +2,7 @@
 a model folder that is no checkpoint in a recipe, LoRA ranks beyond a layer's size, merge-adapter stages in
 the recipe disk check, very long pretraining lines, blank-line bombs, and the disk-check estimates."""
 
-import contextlib
 import gzip
-import io
 import json
 import logging
 import os
@@ -13,9 +11,9 @@ import sys
 import time
 
 import pytest
+from clirun import cli
 from tiny import build_tiny_model
 
-from upstack.cli import main
 
 torch = pytest.importorskip("torch")
 
@@ -25,14 +23,6 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", num_hidden_layers=2, vocab_size=256)
-
-
-def cli(*args):
-    """`upstack ARGS -q` in this process: (exit code, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(args[0]), "-q", *map(str, args[1:])])
-    return rc, err.getvalue()
 
 
 def weights(folder):

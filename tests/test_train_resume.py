@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from clirun import cli
 from tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
-
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -39,19 +39,6 @@ def upstack(*args, signal_at=None):
     step, _, how = (signal_at or "0:INT").partition(":")
     cmd = [sys.executable, "-c", _SIGNAL_AT_STEP, step, {"KILL": "SIGKILL", "INT": "SIGINT"}[how]]
     return subprocess.run([*cmd, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
-
-
-def cli(*args):
-    """The same command in this process (cheaper than a new interpreter): (exit code, stderr)."""
-    import contextlib
-    import io
-
-    from upstack.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(args[0]), "-q", *map(str, args[1:])])
-    return rc, err.getvalue()
 
 
 def weights(folder):
