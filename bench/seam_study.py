@@ -29,11 +29,19 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, int, float]]]:
 
 def table(data: dict) -> str:
     lines = ["| model | layers | step-0 perplexity | final perplexity | tokens | change |", "|---|---|---|---|---|---|"]
-    for stage, pts in data.items():
+    order = ["base_cpt"] + sorted((s for s in data if s != "base_cpt"), key=lambda s: (-int(s[-6:-4]), s[0] != "s"))
+    for stage, pts in ((s, data[s]) for s in order if s in data):
         layers = json.loads((Path(RUN) / stage / "config.json").read_text())["num_hidden_layers"]
         (_, _, p0), (_, tok, p1) = pts[0], pts[-1]
         lines.append(f"| {stage} | {layers} | {p0:.2f} | {p1:.2f} | {tok:,} | {100 * (p1 / p0 - 1):+.1f}% |")
     return "\n".join(lines)
+
+
+def same_block(depth: str) -> bool:
+    """Whether the auto seam chose SOLAR's own cut at this depth (then the two checkpoints are the same)."""
+    meta = Path(RUN) / f"auto{depth}" / "upstack.json"
+    seam = json.loads(meta.read_text())["upscale"].get("seam", {}) if meta.is_file() else {}
+    return bool(seam) and seam.get("start") == seam.get("solar_start")
 
 
 def plot(data: dict, png: str) -> None:
@@ -50,6 +58,8 @@ def plot(data: dict, png: str) -> None:
                 xs, ys = [t for _, t, _ in data[stage]], [p for _, _, p in data[stage]]
                 label = {"base_cpt": "base (30 layers)"}.get(stage, ("SOLAR cut" if stage.startswith("solar")
                                                                      else "auto seam") + f" ({depth} layers)")
+                if stage.startswith("solar") and same_block(depth):
+                    label = f"SOLAR cut = auto seam ({depth} layers)"
                 ax.plot(xs, ys, marker="o", ms=3, color=style, label=label)
         ax.set_title(f"{depth} layers")
         ax.set_xlabel("training tokens (C4)")
