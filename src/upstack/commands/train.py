@@ -102,6 +102,8 @@ def _add_common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--save-steps", type=int, help="resumable checkpoint every N steps (default 500; 0: only on Ctrl-C)")
     p.add_argument("--save-total-limit", type=int, help="resumable checkpoints kept (default 2)")
     p.add_argument("--eval-steps", type=int, help="eval every N steps (default: at the end)")
+    p.add_argument("--eval-at-start", action="store_true", default=None,
+                   help="also eval the starting model, at step 0 (the first point of the held-out curve)")
     p.add_argument("--logging-steps", type=int, help="metrics every N steps (default 10)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed rows, and report them")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in OUT.work")

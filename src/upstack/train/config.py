@@ -65,6 +65,7 @@ class TrainConfig:
     save_steps: int = 500                       # resumable checkpoint every N steps (0: only on Ctrl-C)
     save_total_limit: int = 2                   # resumable checkpoints kept
     eval_steps: int = 0                         # eval every N steps (0: at the end only)
+    eval_at_start: bool = False                 # also eval the starting model (step 0: a curve's first point)
     logging_steps: int = 10
     skip_bad_rows: bool = False
     resume: bool = False

@@ -33,7 +33,7 @@ log = logging.getLogger("upstack.train")
 # Options that may change between a run and its --resume (they do not change what is trained).
 IN_PIPELINE = "UPSTACK_IN_PIPELINE"  # set by `upstack run`: the process group outlives each training stage
 RESUME_FREE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "logging_steps",
-               "tensorboard", "report_to", "keep_checkpoints", "eval_steps"}
+               "tensorboard", "report_to", "keep_checkpoints", "eval_steps", "eval_at_start"}
 # What a failed start leaves that is not worth keeping (no checkpoint, no cache).
 _DISPOSABLE = {"run.json", "metrics.jsonl", "tensorboard"}
 
