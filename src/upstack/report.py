@@ -377,7 +377,8 @@ def _score_sections(data: dict, recipe) -> list[str]:
     if keys:
         lines += ["## Scores by stage", "",
                   "Each cell: the score ± its standard error (lm-eval's for benchmarks, binomial for preference "
-                  "accuracies) and the number of documents or pairs scored. Full metric keys are in results.json "
+                  "accuracies, over the scored windows for perplexities) and the number of documents, pairs or "
+                  "windows scored. Full metric keys are in results.json "
                   "(`labels` maps them to these names).", "", *_score_table(data, names, keys), ""]
         singles = [k for k in _compared_keys(models, names, least=1) if k not in keys]
         if singles:

@@ -218,9 +218,13 @@ def _expand_evaluate(raw: dict, stages: dict, errors: list[str], lines: dict) ->
         prefix = ev.get("name", "eval")
         opts = {key: v for key, v in ev.items() if key not in ("models", "name")}
         for model in ev["models"]:
-            # a model named by path, Hub id or .gguf file: its last part (`eval_SmolLM2-135M-Instruct.Q4_1`)
-            label = re.sub(r"[^A-Za-z0-9_.-]", "_", re.sub(r"\.gguf$", "", model.rstrip("/").rsplit("/", 1)[-1],
-                                                           flags=re.I)) if isinstance(model, str) else model
+            # a model named by path or Hub id: its last part; a .gguf file: its import stage's name
+            # (`eval_import_SmolLM2-135M-Instruct.Q4_1`), so the report finds the model the stage scored
+            label = model
+            if isinstance(model, str) and "/" in model or _is_gguf(model):
+                last = model.rstrip("/").rsplit("/", 1)[-1]
+                label = ("import_" + last[:-len(".gguf")]) if _is_gguf(model) else last
+                label = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
             name = f"{prefix}_{label}"
             if name in stages:
                 errors.append(f"line {line}: evaluate: stage {name!r} is defined twice")
