@@ -61,8 +61,9 @@ def test_real_recipe_quick(real_run):
                     "h6:gsm8k_local/exact_match,strict-match"):
             assert key in models[m], (m, key)
             assert details[m][key]["n"] >= 1 and details[m][key]["stderr"] is not None, (m, key, details[m][key])
-        pref = next(k for k in models[m] if k.startswith("heldout:preference/") and k.endswith("/accuracy"))
-        assert details[m][pref]["n"] == 8 and details[m][pref]["stderr"] is not None
+        pref = "pref:preference/dpo_en_demo.jsonl/accuracy"  # the first 8 pairs, held out of DPO
+        assert 1 <= details[m][pref]["n"] <= 8 and details[m][pref]["stderr"] is not None, (m, details[m][pref])
+        assert "pref:preference/dpo_en_demo.jsonl/chosen_nll_per_token" in models[m]
     # DUS breaks the model at the seam: held-out perplexity right after up-scaling is above the base's, both in
     # the eval stages and at the first point (step 0) of the continued-pretraining curves
     assert models["upscale"][ppl_key] > models[BASE][ppl_key]
