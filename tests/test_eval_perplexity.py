@@ -92,3 +92,36 @@ def test_bad_input(tiny, tmp_path):
     empty.write_text("  \n")
     with pytest.raises(DataError, match="no text to score"):
         perplexity(tiny, empty, device="cpu")
+
+
+def test_max_tokens_scores_a_prefix_and_stderr_is_over_windows(tiny, tmp_path):
+    """`max_tokens` scores exactly the first N tokens (the same numbers as a file holding only them); the standard
+    error is the ratio estimator's over the scored windows, and absent for one window."""
+    model, tok = load_for_inference(tiny, device="cpu")
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT)
+    ids = tok(TEXT)["input_ids"]
+    cut = perplexity(model, f, tokenizer=tok, max_length=32, stride=32, max_tokens=100)
+    assert cut["tokens"] == 99 and cut["windows"] == 4  # 100 tokens, windows of 32 (stride 31)
+    prefix = tmp_path / "p.txt"
+    prefix.write_text(tok.decode(ids[:100]))
+    assert tok(prefix.read_text())["input_ids"] == ids[:100]
+    same = perplexity(model, prefix, tokenizer=tok, max_length=32, stride=32)
+    assert cut["nll"] == pytest.approx(same["nll"], rel=1e-6)
+    # the standard error by hand: per-window (summed NLL, tokens), ratio estimator, delta method
+    import torch
+    import torch.nn.functional as F
+    sums = []
+    for w, first in windows(ids[:100], 32, 31):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([w])).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, torch.tensor(w[1:]), reduction="none")[first - 1:]
+        sums.append((float(nll.sum()), len(nll)))
+    n, mean_nll = len(sums), sum(s for s, _ in sums) / sum(t for _, t in sums)
+    var = sum((s - mean_nll * t) ** 2 for s, t in sums) / (n - 1)
+    se = math.exp(mean_nll) * math.sqrt(var / n) / (sum(t for _, t in sums) / n)
+    assert cut["perplexity_stderr"] == pytest.approx(se, rel=1e-4)
+    one = perplexity(model, f, tokenizer=tok, max_length=256, max_tokens=100)
+    assert one["windows"] == 1 and one["perplexity_stderr"] is None
+    with pytest.raises(Exception, match="max_tokens must be at least 2"):
+        perplexity(model, f, tokenizer=tok, max_tokens=1)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("upstack.data",),
     ("upstack.seam",),
     ("upstack.upscale", "upstack.gguf", "upstack.merge", "upstack.train", "upstack.evaluate", "upstack.base"),
-    ("upstack.pipeline", "upstack.report"),
+    ("upstack.pipeline", "upstack.report", "upstack.report_plots"),
     ("upstack.commands",),
     ("upstack.cli", "upstack.__main__"),
 ]

@@ -6,7 +6,8 @@ import json
 import types
 from pathlib import Path
 
-from upstack.report import MARKER, PLOT_INDEX, collect, write_report
+from upstack.report import MARKER, collect, write_report
+from upstack.report_plots import PLOT_INDEX
 
 
 def _stage(run: Path, name: str, stype: str, finished: str, config: dict | None = None, result=None,
@@ -168,7 +169,7 @@ def test_plots_one_per_kind_of_loss_and_no_tie_point(tmp_path):
     assert set(json.loads((run / PLOT_INDEX).read_text())) == {
         "plot_loss.png", "plot_dpo_loss.png", "plot_rewards_margin.png", "plot_rewards_accuracy.png"}
     assert "every implicit reward is 0" in md
-    from upstack.report import _series
+    from upstack.report_plots import _series
 
     assert _series(dpo, "rewards/accuracy", "training", "dpo") == [(2, 0.7)]
     assert _series(dpo, "eval_rewards/accuracy", "held-out", "dpo") == [(2, 0.6)]
@@ -193,3 +194,36 @@ def test_empty_run_folder(tmp_path):
     md = write_report(tmp_path).read_text()
     assert "## Timings" in md and "| total | | 0.0 | |" in md and "Scores" not in md
     assert json.loads((tmp_path / "results.json").read_text())["models"] == {}
+
+
+def test_heldout_perplexity_by_tokens_plot_for_pretraining_stages(tmp_path):
+    """Continued-pretraining stages whose eval records carry `tokens` get a held-out perplexity curve by tokens
+    seen (the point at 0 tokens from `eval_on_start`); stages of other types are not on it."""
+    run = make_run(tmp_path)
+    for name, losses in (("pretrain", [4.2, 3.5, 3.1]), ("base_more", [3.7, 3.4, 3.3])):
+        rows = [{"type": "eval", "step": 5 * i, "tokens": 5120 * i, "eval_loss": x} for i, x in enumerate(losses)]
+        _stage(run, name, "pretrain", f"2024-01-01T00:00:1{len(name)}", config={"model": str(run / "upscale")},
+               files={"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
+    md = write_report(run).read_text()
+    assert "![plot_heldout_by_tokens.png](plot_heldout_by_tokens.png)" in md
+    assert (run / "plot_heldout_by_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    from upstack.report_plots import _token_series
+
+    rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [(t, round(p, 4)) for t, p in _token_series(rows)] == [(0, 66.6863), (5120, 33.1155), (10240, 22.198)]
+    assert _token_series([{"type": "eval", "step": 2, "eval_loss": 1.0}]) == []  # records without tokens
+
+
+def test_perplexity_standard_error_enters_the_noise_rule(tmp_path):
+    """A perplexity with `perplexity_stderr` (over its windows) is compared against 2 combined standard errors,
+    and its cell shows the standard error and the number of windows."""
+    run = make_run(tmp_path)
+    for name, ppl, se in (("eval_sft", 12.5, 3.0), ("eval_upscale", 20.0, 3.0)):
+        res = run / name / "results.json"
+        data = json.loads(res.read_text())
+        data["perplexity"]["/d/heldout.txt"].update({"perplexity": ppl, "perplexity_stderr": se, "windows": 8})
+        res.write_text(json.dumps(data))
+    md = write_report(run).read_text()
+    reading = md.split("## Reading\n\n")[1].split("\n## ")[0]
+    assert "perplexity, heldout.txt (-7.5)" in reading  # 7.5 < 2 * sqrt(9 + 9) = 8.5: within noise
+    assert "12.5 ± 3 (n=8)" in md

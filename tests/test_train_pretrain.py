@@ -213,3 +213,21 @@ def test_precisions_checkpointing_and_epochs(model_dir, tmp_path):
     assert math.isfinite(runs["bf16"]["final_loss"])
     assert set(open_checkpoint(tmp_path / "mixed").dtypes) == {"F32"}   # the input's dtype by default
     assert set(open_checkpoint(tmp_path / "bf16").dtypes) == {"BF16"}   # --save-dtype
+
+
+def test_eval_on_start_and_tokens_seen_in_eval_records(model_dir, tmp_path):
+    """`eval_on_start` scores the starting model at step 0 (tokens 0); every eval record carries the training
+    tokens seen so far, the x axis of the report's held-out curve by tokens."""
+    from upstack.train.pretrain import pretrain
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(CORPUS[:4] * 6))
+    pretrain(pt_cfg(model_dir, tmp_path, [str(corpus)], max_steps=4, eval_fraction=0.2, eval_steps=2,
+                    eval_on_start=True))
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    train = {r["step"]: r["tokens"] for r in records if r["type"] == "train"}
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert [e["tokens"] for e in evals] == [0, train[2], train[4]] and train[4] == 4 * 2 * 32
+    # the step-0 point is the starting model, before any update
+    assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]

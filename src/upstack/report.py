@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import re
@@ -16,6 +14,7 @@ from upstack.evaluate.harness import PREFERENCE_METRICS, preference_parts
 from upstack.evaluate.results import primary_metrics
 from upstack.evaluate.tasks.registry import H6_BY_TASK
 from upstack.outputs import write_file
+from upstack.report_plots import PLOT_NOTES, plot_curves
 
 # The file in each stage folder that records a completed stage (written by the pipeline, read here). It
 # lives here, the lower of the two modules, so that the pipeline imports it without a cycle.
@@ -78,12 +77,14 @@ def _flat_scores(results: dict) -> tuple[dict[str, float], dict[str, dict]]:
     for path, v in (results.get("perplexity") or {}).items():
         if isinstance(v, dict) and isinstance(v.get("perplexity"), (int, float)):
             out[f"perplexity/{Path(path).name}"] = float(v["perplexity"])
-            detail[f"perplexity/{Path(path).name}"] = {"stderr": None, "n": v.get("documents")}
+            se = v.get("perplexity_stderr")  # over the scored windows (n), when the file has more than one
+            detail[f"perplexity/{Path(path).name}"] = {"stderr": se if isinstance(se, (int, float)) else None,
+                                                       "n": v.get("windows", v.get("documents"))}
     for path, v in (results.get("preference") or {}).items():
         if not isinstance(v, dict):
             continue
         for label, q in preference_parts(v):
-            for k in PREFERENCE_METRICS:
+            for k in (*PREFERENCE_METRICS, "chosen_nll_per_token"):  # + the chosen replies' loss (lower is better)
                 if isinstance(q.get(k), (int, float)):
                     key = f"preference/{Path(path).name}{label}/{k}"
                     out[key] = float(q[k])
@@ -189,7 +190,8 @@ METRIC_NAMES = {"acc": "acc.", "acc_norm": "acc. (length-normalised)", "exact_ma
                 "exact_match,strict-match": "exact match (strict)",
                 "exact_match,flexible-extract": "exact match (flexible)", "accuracy": "preference acc.",
                 "accuracy_per_token": "preference acc. per token", "margin": "preference log-prob margin",
-                "reward_accuracy": "DPO reward acc.", "reward_margin": "DPO reward margin"}
+                "reward_accuracy": "DPO reward acc.", "reward_margin": "DPO reward margin",
+                "chosen_nll_per_token": "chosen-reply NLL per token"}
 _PREF = re.compile(r"preference/(?P<file>.+?)(\[(?P<group>[^\]]*)\])?/(?P<metric>[^/]+)$")
 
 
@@ -314,7 +316,8 @@ def compare_scores(data: dict, model: str, parent: str, keys: list[str]) -> dict
         if d == 0:
             out["noise"].append(f"{label} (unchanged, {_num(a)})")
             continue
-        better = (d < 0) if _split_key(k)[1].startswith("perplexity/") else (d > 0)
+        lower = _split_key(k)[1].startswith("perplexity/") or k.endswith("nll_per_token")
+        better = (d < 0) if lower else (d > 0)
         if sa is not None and sb is not None:
             limit = NOISE_SE * math.sqrt(sa * sa + sb * sb)
             if abs(d) <= limit:
@@ -348,8 +351,8 @@ def _reading_section(data: dict) -> list[str]:
             "What each stage did to its model on the held-out evaluations, against the model it started from. "
             "Improved means a higher score or a lower perplexity. A score difference counts only when it exceeds "
             f"{NOISE_SE:g} combined standard errors, {NOISE_SE:g}·√(se₁² + se₂²), of the two scores; below that it is "
-            "within noise (the change is given in brackets). Perplexities have no standard error here: their change "
-            "is given as measured. " + " ".join(sentences), ""]
+            "within noise (the change is given in brackets). A perplexity's standard error is taken over its scored "
+            "windows; a perplexity of a single window has none, and its change is given as measured. " + " ".join(sentences), ""]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +378,8 @@ def _score_sections(data: dict, recipe) -> list[str]:
     if keys:
         lines += ["## Scores by stage", "",
                   "Each cell: the score ± its standard error (lm-eval's for benchmarks, binomial for preference "
-                  "accuracies) and the number of documents or pairs scored. Full metric keys are in results.json "
+                  "accuracies, over the scored windows for perplexities) and the number of documents, pairs or "
+                  "windows scored. Full metric keys are in results.json "
                   "(`labels` maps them to these names).", "", *_score_table(data, names, keys), ""]
         singles = [k for k in _compared_keys(models, names, least=1) if k not in keys]
         if singles:
@@ -495,90 +499,6 @@ def _timings_section(stages: dict[str, dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Plots
 
-PLOT_INDEX = ".plots.json"  # {png name: hash of the data plotted}: unchanged curves are not drawn again
-TIE = 1e-4  # |reward margin| below this: the policy still equals the reference (every implicit reward 0)
-
-# (file, title, y label, stage kind, [(metrics key, "training" | "held-out")], y limits)
-PLOTS = [
-    ("plot_loss.png", "LM loss (token cross-entropy): pretraining and SFT stages", "loss", "lm",
-     [("loss", "training"), ("eval_loss", "held-out")], None),
-    ("plot_dpo_loss.png", "DPO loss", "DPO loss", "dpo", [("loss", "training"), ("eval_loss", "held-out")], None),
-    ("plot_rewards_margin.png", "DPO reward margin (chosen - rejected implicit reward)", "reward margin", "dpo",
-     [("rewards/margin", "training"), ("eval_rewards/margin", "held-out")], None),
-    ("plot_rewards_accuracy.png", "DPO reward accuracy (chosen reward > rejected)", "reward accuracy", "dpo",
-     [("rewards/accuracy", "training"), ("eval_rewards/accuracy", "held-out")], (0.0, 1.0)),
-]
-PLOT_NOTES = {
-    "plot_loss.png": "Training loss (solid, per logged step) and held-out loss (dashed, evaluated every "
-                     "`eval_steps` and at the end) of each training stage; each stage counts its own steps from 0.",
-    "plot_dpo_loss.png": "DPO's loss is -log σ(β · reward margin) (+ the chosen answers' NLL with `rpo_alpha`), "
-                         "not a language-model loss: it has its own plot.",
-    "plot_rewards_accuracy.png": "The first step is left out when its reward margin is 0: the policy still equals "
-                                 "the reference there, every implicit reward is 0 and the accuracy counts rounding "
-                                 "ties.",
-}
-
-
-def _series(rows: list[dict], key: str, split: str, kind: str) -> list[tuple]:
-    want = "eval" if split == "held-out" else "train"
-    pts = [(r["step"], r[key]) for r in rows
-           if key in r and r.get("step") is not None and (r.get("type") or "train") == want]
-    if key.endswith("rewards/accuracy"):  # drop the tie at the start (policy == reference)
-        margin = key.replace("accuracy", "margin")
-        tie = {r["step"] for r in rows if (r.get("type") or "train") == want and abs(r.get(margin, 1.0)) < TIE}
-        pts = [p for p in pts if p[0] not in tie]
-    return pts
-
-
-def _plot(run_dir: Path, curves: dict[str, list[dict]], types: dict[str, str]) -> list[str]:
-    """PNG curves of what `upstack pretrain/sft/dpo` log in metrics.jsonl, one plot per kind of loss (LM
-    stages; DPO), training and held-out together. The report is rewritten after every stage; a plot whose
-    data is unchanged is kept."""
-    index = _read_json(run_dir / PLOT_INDEX) or {}
-    written, todo = [], []
-    for fname, title, ylabel, kind, keys, ylim in PLOTS:
-        stages = [s for s in curves if (types.get(s) == "dpo") == (kind == "dpo")]
-        series = {s: {split: _series(curves[s], key, split, kind) for key, split in keys} for s in stages}
-        series = {s: {k: v for k, v in sp.items() if v} for s, sp in series.items()}
-        series = {s: sp for s, sp in series.items() if sp}
-        if not series:
-            continue
-        digest = hashlib.sha256(json.dumps([title, ylabel, ylim, series], default=str).encode()).hexdigest()
-        written.append(fname)
-        if index.get(fname) != digest or not (run_dir / fname).is_file():
-            todo.append((fname, title, ylabel, ylim, series, digest))
-    if todo:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        for fname, title, ylabel, ylim, series, digest in todo:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for i, (stage, splits) in enumerate(series.items()):
-                color = f"C{i % 10}"
-                for split, pts in splits.items():
-                    held = split == "held-out"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linestyle="--" if held else "-",
-                            marker="o" if held or len(pts) < 30 else None, markersize=3 if held else 2,
-                            label=f"{stage} ({split})")
-            ax.set_xlabel("step within each stage")
-            ax.set_ylabel(ylabel)
-            if ylim:
-                ax.set_ylim(*ylim)
-            ax.set_title(title, fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
-            fig.tight_layout()
-            png = io.BytesIO()
-            fig.savefig(png, format="png", dpi=110)
-            plt.close(fig)
-            write_file(run_dir / fname, png.getvalue())
-            index[fname] = digest
-        write_file(run_dir / PLOT_INDEX, json.dumps(index, indent=1) + "\n")
-    return written
-
-
 def write_report(run_dir: str | Path, recipe=None) -> Path:
     run_dir = Path(run_dir)
     order = list(recipe.stages) if recipe is not None else None
@@ -586,7 +506,7 @@ def write_report(run_dir: str | Path, recipe=None) -> Path:
     curves = {name: _read_metrics(run_dir / name) for name in data["stages"]}
     curves = {k: v for k, v in curves.items() if v}
     types = {k: v["type"] for k, v in data["stages"].items()}
-    plots = _plot(run_dir, curves, types) if curves else []
+    plots = plot_curves(run_dir, curves, types) if curves else []
     lines = [*_header(run_dir, recipe), *_reading_section(data), *_score_sections(data, recipe),
              *replies_table(data["replies"]),
              *_contamination_section(data["contamination"]), *_decontamination_section(data["stages"]),

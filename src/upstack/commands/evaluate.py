@@ -173,6 +173,8 @@ def register(sub, common) -> None:
     p.add_argument("--perplexity", action="append", metavar="FILE", help="text file or JSONL to score (repeatable)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text for --perplexity (default text)")
     p.add_argument("--stride", type=int, help="perplexity sliding-window stride in tokens (default: half the window)")
+    p.add_argument("--perplexity-max-tokens", type=int, metavar="N",
+                   help="score only the first N tokens of each --perplexity file (a fixed slice of a long text)")
     p.add_argument("--preference", action="append", metavar="FILE",
                    help="preference pairs to score: chosen vs rejected log-prob accuracy (repeatable)")
     p.add_argument("--preference-reference", metavar="MODEL",
@@ -271,6 +273,7 @@ def run_eval(args) -> int:
         device=args.device, backend=args.backend, model_args=_model_args(args.model_args), dtype=args.dtype,
         max_length=args.max_length, max_gen_toks=args.max_gen_toks, apply_chat_template=args.apply_chat_template,
         seed=args.seed, perplexity=args.perplexity or [], text_field=args.text_field, stride=args.stride,
+        perplexity_max_tokens=args.perplexity_max_tokens,
         preference=args.preference or [], preference_reference=args.preference_reference,
         preference_group=args.preference_group, template=args.template, samples=args.sample or [],
         sample_max_new_tokens=args.sample_max_new_tokens,

@@ -47,7 +47,8 @@ def register(sub, common) -> None:
     p.add_argument("--profile", default=None, help="apply a profile of the recipe (e.g. quick)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one option of a stage (repeatable; after --profile; VALUE is YAML: 10, true, "
-                        "[a.jsonl]; nested keys with dots: base.train.max_steps=5); checked as in the file")
+                        "[a.jsonl]; nested keys with dots: base.train.max_steps=5); checked as in the file; "
+                        "vars.NAME=VALUE sets one of the recipe's vars: (docs/recipes.md)")
     p.add_argument("--from", dest="from_stage", default=None, help="re-run this stage and every later one")
     p.add_argument("--only", default=None, help="run only this stage (its inputs must have completed)")
     p.add_argument("--dry-run", action="store_true",

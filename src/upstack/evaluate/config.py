@@ -37,6 +37,7 @@ class EvalConfig:
     perplexity: list[str] = field(default_factory=list)  # text/JSONL files to score with a sliding window
     text_field: str = "text"
     stride: int | None = None
+    perplexity_max_tokens: int | None = None  # score only the first N tokens of each perplexity file
     preference: list[str] = field(default_factory=list)  # (prompt, chosen, rejected) files: preference accuracy
     preference_reference: str | None = None  # model whose log-probs give the DPO implicit reward (e.g. the SFT model)
     preference_group: str | None = None  # row field to break preference metrics down by (e.g. kind)

@@ -151,7 +151,7 @@ def _score_files(cfg: EvalConfig, lm, out: dict) -> None:
     for f in cfg.perplexity:
         out["perplexity"][f] = perplexity(model, f, tokenizer=tokenizer, text_field=cfg.text_field,
                                           max_length=cfg.max_length, stride=cfg.stride, batch_size=batch,
-                                          limit=limit)
+                                          limit=limit, max_tokens=cfg.perplexity_max_tokens)
     if cfg.samples:  # greedy replies to the sample prompts, for the report's side-by-side view
         rows = [check_prompt(r, f"samples[{i}]") for i, r in enumerate(cfg.samples)]
         out["replies"] = generate_replies(model, tokenizer, rows, max_new_tokens=cfg.sample_max_new_tokens,

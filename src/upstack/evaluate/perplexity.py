@@ -68,11 +68,16 @@ def windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int
 def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str = "text",
                max_length: int | None = None, stride: int | None = None, batch_size: int = 4,
                device: str | None = None, dtype: str = "auto", limit: int | None = None,
-               allow_pickle: bool = False) -> dict:
+               max_tokens: int | None = None, allow_pickle: bool = False) -> dict:
     """Perplexity of `model` (a checkpoint folder, or a loaded model with `tokenizer`) on `file`.
     A folder passes the checkpoint gate first (pickled weights only with `allow_pickle`).
 
-    Returns {"file", "documents", "tokens", "nll", "perplexity", "bytes", "bits_per_byte", "max_length", "stride"}.
+    `max_tokens` scores only the first N tokens of the file (documents in order, the last one cut): a fixed
+    slice of a long held-out text. `perplexity_stderr` is the delta-method standard error over the scored
+    windows (perplexity x the standard error of their token-weighted mean NLL); `windows` is their number.
+
+    Returns {"file", "documents", "tokens", "nll", "perplexity", "perplexity_stderr", "windows", "bytes",
+    "bits_per_byte", "max_length", "stride"}.
     """
     import torch
     import torch.nn.functional as F
@@ -90,9 +95,21 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
         raise ConfigError(f"--stride must be at least 1, got {stride}")
     stride = min(stride, window - 1)  # at least one token of context in every window
 
-    items = []
+    if max_tokens is not None and max_tokens < 2:
+        raise ConfigError(f"perplexity max_tokens must be at least 2, got {max_tokens}")
+    items, budget, n_bytes = [], max_tokens, 0
     for i, text in enumerate(texts):
+        if budget is not None and budget < 2:
+            texts = texts[:i]
+            break
         ids = tokenizer(text, verbose=False)["input_ids"]  # long documents are windowed below: no length warning
+        if budget is not None and len(ids) > budget:
+            ids = ids[:budget]
+            n_bytes += len(tokenizer.decode(ids).encode("utf-8"))
+        else:
+            n_bytes += len(text.encode("utf-8"))
+        if budget is not None:
+            budget -= len(ids)
         if ids:
             check_token_ids(model, max(ids), f"{file}: document {i + 1}")
         if len(ids) >= 2:
@@ -102,6 +119,7 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
     items.sort(key=lambda w: len(w[0]))
     dev = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
+    per_window: list[tuple[float, int]] = []  # (summed NLL, tokens) of each window
     with torch.no_grad():
         for b in range(0, len(items), max(1, batch_size)):
             batch = items[b:b + max(1, batch_size)]
@@ -118,10 +136,22 @@ def perplexity(model: Any, file: str | Path, *, tokenizer=None, text_field: str 
             for r in range(len(batch)):  # one row at a time keeps the float32 copy of the logits small
                 nll = F.cross_entropy(logits[r, :-1].float(), input_ids[r, 1:], reduction="none")
                 mask = score[r, 1:]
-                total_nll += float(nll[mask].sum())
-                total_tokens += int(mask.sum())
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+                per_window.append((float(nll[mask].sum()), int(mask.sum())))
+                total_nll += per_window[-1][0]
+                total_tokens += per_window[-1][1]
     nll = total_nll / total_tokens
     return {"file": str(file), "documents": len(texts), "tokens": total_tokens, "nll": nll,
-            "perplexity": math.exp(nll), "bytes": n_bytes, "bits_per_byte": total_nll / math.log(2) / n_bytes,
+            "perplexity": math.exp(nll), "perplexity_stderr": _ppl_stderr(per_window, nll),
+            "windows": len(per_window), "bytes": n_bytes, "bits_per_byte": total_nll / math.log(2) / n_bytes,
             "max_length": window, "stride": stride}
+
+
+def _ppl_stderr(per_window: list[tuple[float, int]], nll: float) -> float | None:
+    """exp(nll) x the standard error of the ratio estimate sum(NLL_w) / sum(tokens_w) over windows w (None for
+    one window): the spread of the per-window losses, not of single tokens, which are not independent."""
+    n = len(per_window)
+    if n < 2:
+        return None
+    mean_tokens = sum(t for _, t in per_window) / n
+    var = sum((s - nll * t) ** 2 for s, t in per_window) / (n - 1)
+    return math.exp(nll) * math.sqrt(var / n) / mean_tokens

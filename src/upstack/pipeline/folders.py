@@ -18,10 +18,11 @@ from upstack.errors import UpstackError
 from upstack.outputs import LinkRefusedError, refuse_link, write_file
 from upstack.pipeline.recipe import Recipe, Stage
 from upstack.pipeline.stages import STAGE_TYPES
-from upstack.report import MARKER, PLOT_INDEX, PLOTS
+from upstack.report import MARKER
+from upstack.report_plots import PLOT_INDEX, PLOTS, TOKENS_PLOT
 
 RUN_RECORD = ".upstack_run.json"
-RUN_FILES = ("recipe.yaml", "report.md", "results.json", PLOT_INDEX, *(p[0] for p in PLOTS))
+RUN_FILES = ("recipe.yaml", "report.md", "results.json", PLOT_INDEX, TOKENS_PLOT, *(p[0] for p in PLOTS))
 # stage types that keep a work folder `<stage>.work` beside their output (checkpoints, token files)
 WORK_FOLDER_TYPES = {"base"} | {n for n, t in STAGE_TYPES.items() if "resume" in t.pipeline_fields}
 

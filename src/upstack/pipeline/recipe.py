@@ -23,11 +23,12 @@ from upstack.data.spec import parse_data_spec
 from upstack.errors import ConfigError, UpstackError
 from upstack.hub import hub_offline
 from upstack.pipeline.stages import STAGE_TYPES, field_names, load_ref
+from upstack.pipeline.variables import apply_var_sets, substitute_vars
 
 log = logging.getLogger(__name__)
 
 BUILTIN_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TOP_LEVEL_KEYS = {"name", "description", "stages", "evaluate", "report", "profiles", "launch"}
+TOP_LEVEL_KEYS = {"name", "description", "vars", "stages", "evaluate", "report", "profiles", "launch"}
 
 
 @dataclasses.dataclass
@@ -217,7 +218,14 @@ def _expand_evaluate(raw: dict, stages: dict, errors: list[str], lines: dict) ->
         prefix = ev.get("name", "eval")
         opts = {key: v for key, v in ev.items() if key not in ("models", "name")}
         for model in ev["models"]:
-            name = f"{prefix}_{model}"
+            # a model named by path or Hub id: its last part; a .gguf file: its import stage's name
+            # (`eval_import_SmolLM2-135M-Instruct.Q4_1`), so the report finds the model the stage scored
+            label = model
+            if isinstance(model, str) and "/" in model or _is_gguf(model):
+                last = model.rstrip("/").rsplit("/", 1)[-1]
+                label = ("import_" + last[:-len(".gguf")]) if _is_gguf(model) else last
+                label = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+            name = f"{prefix}_{label}"
             if name in stages:
                 errors.append(f"line {line}: evaluate: stage {name!r} is defined twice")
                 continue
@@ -597,6 +605,8 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
         errors.append(f"line {lines.get((key,), '?')}: unknown top-level key {key!r} "
                       f"(known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     raw = _apply_profile(raw, profile, path)
+    sets = apply_var_sets(raw, list(sets or []), errors, _yaml_value)
+    raw = substitute_vars(raw, errors, lines)
     name = _recipe_name(raw.get("name"), path, lines)
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:

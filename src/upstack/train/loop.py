@@ -268,9 +268,9 @@ def _log_step(run: Run, bar, progress: _Progress, done: int, steps: int, lr: flo
     progress.window_loss, progress.window_steps = 0.0, 0
 
 
-def _eval_record(run: Run, model, task: Task, step: int) -> dict:
+def _eval_record(run: Run, model, task: Task, step: int, tokens: int) -> dict:
     metrics = held_out_loss(run, model, task)
-    run.metrics.write({"type": "eval", "step": step, **metrics})
+    run.metrics.write({"type": "eval", "step": step, "tokens": tokens, **metrics})
     return metrics
 
 
@@ -287,8 +287,8 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
     _log_start(run, task, steps, progress.start)
     bar = tqdm(total=steps, initial=progress.start, desc=run.stage, unit="step",
                disable=not (cfg.progress and run.is_main), dynamic_ncols=True)
-    if cfg.eval_on_start and progress.start == 0 and task.n_eval:
-        _eval_record(run, model, task, 0)  # before the clock starts: not counted as training time
+    if cfg.eval_on_start and progress.start == 0 and task.n_eval:  # the starting model: a curve's first point
+        _eval_record(run, model, task, 0, 0)  # before the clock starts: not counted as training time
     progress.t_start = progress.window_start = time.perf_counter()
     try:
         with _StopFlag() as stop:
@@ -304,7 +304,7 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
                     bar.set_postfix(loss=f"{progress.mean_loss():.4f}", **progress.postfix, refresh=False)
                 bar.update(1)
                 if cfg.eval_steps and done % cfg.eval_steps == 0 and done < steps and task.n_eval:
-                    _eval_record(run, model, task, done)
+                    _eval_record(run, model, task, done, progress.tokens)
                 for callback in STEP_CALLBACKS:
                     callback(run, done)
                 if _save_or_stop(run, stop, done, steps, progress):
@@ -317,7 +317,7 @@ def train_loop(run: Run, model, optimizer, task: Task) -> dict:
         run.metrics.close()
         raise
     bar.close()
-    eval_metrics = _eval_record(run, model, task, steps) if task.n_eval else {}
+    eval_metrics = _eval_record(run, model, task, steps, progress.tokens) if task.n_eval else {}
     return _summary(progress, steps, eval_metrics)
 
 
