@@ -90,6 +90,8 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     run on all processes, the others on the main process only, with a barrier after each stage; only
     the main process writes markers and reports (the run folder must be on a shared file system).
     """
+    if recipe.missing:  # loaded for a dry run (missing_ok): the real run needs every input first
+        raise ConfigError(f"{recipe.path}: {len(recipe.missing)} problem(s):\n  " + "\n  ".join(recipe.missing))
     state = _process_state()
     main = state is None or state.is_main_process
     if not main:
