@@ -74,3 +74,22 @@ def test_dry_run_with_every_input_present_exits_0(tmp_path, monkeypatch, capsys)
     assert main(["run", str(PAPER), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "10,731,524,096" in out and "error" not in err
+
+
+@pytest.mark.parametrize("flag, typo, close", [("--only", "eval_dpp", "eval_dpo"), ("--from", "sft_mth", "sft_math")])
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_misspelled_stage_in_only_or_from_is_refused_with_and_without_dry_run(tmp_path, capsys, flag, typo,
+                                                                                 close, dry):
+    run_dir = tmp_path / "run"
+    argv = ["run", "recipes/tiny-solar.yaml", "--out", str(run_dir), flag, typo] + (["--dry-run"] if dry else [])
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no plan printed for a command that names no stage of the recipe
+    assert err.startswith(f"error: {flag} {typo!r}: no such stage (did you mean {close}? ")
+    assert len(err.strip().splitlines()) == 1 and not run_dir.exists()
+
+
+def test_dry_run_with_a_real_stage_in_only_prints_the_plan(tmp_path, capsys):
+    assert main(["run", "recipes/tiny-solar.yaml", "--out", str(tmp_path / "run"), "--only", "eval_dpo",
+                 "--dry-run"]) == 0
+    assert "eval_dpo" in capsys.readouterr().out

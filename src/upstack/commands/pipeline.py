@@ -120,11 +120,13 @@ def run_run(args) -> int:
         load_recipe,
         plan_recipe,
     )
+    from upstack.pipeline.run import check_stage_names
 
     # A dry run plans a recipe whose input files are not there yet (the paper's, before any download) and
     # then lists them; a real run refuses them in load_recipe, before any stage starts.
     recipe = load_recipe(args.recipe, args.out, profile=args.profile, sets=args.sets, missing_ok=args.dry_run)
     if args.dry_run:
+        check_stage_names(recipe, args.from_stage, args.only)
         _print_plan(recipe, plan_recipe(recipe), args.json)
         if recipe.missing:
             sys.stdout.flush()
