@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from upstack.commands.output import format_table, human_bytes, print_json
-from upstack.errors import UpstackError
+from upstack.errors import ConfigError, UpstackError
 
 ORDER = 5
 
@@ -52,7 +52,8 @@ def register(sub, common) -> None:
     p.add_argument("--from", dest="from_stage", default=None, help="re-run this stage and every later one")
     p.add_argument("--only", default=None, help="run only this stage (its inputs must have completed)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate and print the plan: stages, parameters, disk, memory estimates, launch commands")
+                   help="validate and print the plan: stages, parameters, disk, memory estimates, launch commands; "
+                        "then list the input files still missing (exit 2 if any)")
     p.add_argument("--json", action="store_true", help="print the plan or summary as JSON")
     p.set_defaults(func=run_run)
 
@@ -80,7 +81,8 @@ def register(sub, common) -> None:
 
 def _print_plan(recipe, rows, as_json: bool) -> None:
     if as_json:
-        print_json({"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": rows})
+        print_json({"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": rows,
+                    "missing_inputs": recipe.missing})
         return
     print(f"recipe {recipe.name}: {len(rows)} stages -> {recipe.run_dir}")
     table = []
@@ -88,8 +90,7 @@ def _print_plan(recipe, rows, as_json: bool) -> None:
         table.append([
             r["stage"], r["type"], ",".join(r["deps"]) or "-",
             r.get("num_hidden_layers", "-"),
-            f"{r['num_parameters'] / 1e9:.2f}B" if r.get("num_parameters", 0) >= 1e8
-            else (f"{r['num_parameters']:,}" if "num_parameters" in r else "-"),
+            f"{r['num_parameters']:,}" if "num_parameters" in r else "-",
             human_bytes(r["disk_bytes"]) if r.get("disk_bytes") else "-",
             human_bytes(r["train_memory_bytes"]) if r.get("train_memory_bytes")
             else (human_bytes(r["inference_memory_bytes"]) if r.get("inference_memory_bytes") else "-"),
@@ -120,10 +121,18 @@ def run_run(args) -> int:
         load_recipe,
         plan_recipe,
     )
+    from upstack.pipeline.run import check_stage_names
 
-    recipe = load_recipe(args.recipe, args.out, profile=args.profile, sets=args.sets)
+    # A dry run plans a recipe whose input files are not there yet (the paper's, before any download) and
+    # then lists them; a real run refuses them in load_recipe, before any stage starts.
+    recipe = load_recipe(args.recipe, args.out, profile=args.profile, sets=args.sets, missing_ok=args.dry_run)
     if args.dry_run:
+        check_stage_names(recipe, args.from_stage, args.only)
         _print_plan(recipe, plan_recipe(recipe), args.json)
+        if recipe.missing:
+            sys.stdout.flush()
+            raise ConfigError(f"{recipe.path}: {len(recipe.missing)} input(s) to provide before the real run "
+                              f"(each neither exists nor is made by a stage):\n  " + "\n  ".join(recipe.missing))
         return 0
     return _execute(recipe, args, only=args.only)
 

@@ -16,10 +16,11 @@ from typing import Any
 from upstack.errors import CheckpointError, ConfigError, DataError, UpstackError
 from upstack.evaluate.config import EvalConfig
 from upstack.evaluate.results import convert_results
-from upstack.evaluate.tasks.registry import (
+from upstack.evaluate.tasks.registry import (  # fewshot_for: re-exported
     H6_BY_TASK,
     LOCAL_TASKS,
     PRESETS,
+    fewshot_for,
     known_task_names,
 )
 from upstack.hub import go_offline, hub_offline, hub_reachable
@@ -157,17 +158,6 @@ def load_tasks(tm, names: list[str]):
         for t in loaded["tasks"].values():
             leaves[t.task_name] = (name, t)
     return top, leaves
-
-
-def fewshot_for(top_name: str, leaf_name: str, cfg: EvalConfig, default: int | None) -> int | None:
-    for key in (leaf_name, top_name):
-        if key in cfg.task_fewshot:
-            return cfg.task_fewshot[key]
-    if cfg.num_fewshot is not None:
-        return cfg.num_fewshot
-    if top_name in H6_BY_TASK:
-        return H6_BY_TASK[top_name].num_fewshot
-    return default if default is not None else 0
 
 
 class _DropCustomDatasetNote(logging.Filter):

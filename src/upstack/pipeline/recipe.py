@@ -49,6 +49,14 @@ class Recipe:
     run_dir: Path
     stages: dict[str, Stage]             # in execution (topological) order
     raw: dict
+    # Input files and folders that neither exist nor are made by a stage (loaded with missing_ok: a dry
+    # run plans the recipe and lists them as what must exist before the real run, which refuses them).
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+
+class MissingInput(str):
+    """A problem that is only an absent input file or folder (no stage makes it): the one kind of problem
+    a dry run plans around."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +460,8 @@ def _prepare_stage(st: Stage, folders: dict[str, Path], stages: dict[str, Stage]
         errors.extend(_value_errors(st, cls, resolved, lines))
     warnings: list[tuple[str, str]] = []
     for key, err in _input_errors(st, stages, warnings):
-        errors.append(f"line {lines.get(('stages', st.name, key), st.line)}: stage {st.name!r}: {err}")
+        line = f"line {lines.get(('stages', st.name, key), st.line)}: stage {st.name!r}: {err}"
+        errors.append(MissingInput(line) if isinstance(err, MissingInput) else line)
     for key, w in warnings:
         log.warning("warning: line %s: stage %r: %s", lines.get(("stages", st.name, key), st.line), st.name, w)
     st.resolved = resolved
@@ -489,8 +498,8 @@ def _model_errors(key: str, v: str, stages: dict, warnings: list[str]) -> list[s
     if _is_gguf(v):
         return [] if Path(v).expanduser().is_file() else [f"input {key}={v!r}: no such file (a GGUF model source)"]
     if v.startswith((".", "/", "~")) or os.path.exists(v):
-        return [] if Path(v).expanduser().exists() else [f"input {key}={v!r} does not exist and no stage makes it"
-                                                         + _did_you_mean(v, stages)]
+        return [] if Path(v).expanduser().exists() else [
+            MissingInput(f"input {key}={v!r} does not exist and no stage makes it" + _did_you_mean(v, stages))]
     if "/" not in v:
         msg = f"input {key}={v!r} is no stage of this recipe and no existing folder{_did_you_mean(v, stages)}"
         if hub_offline():
@@ -525,9 +534,9 @@ def _data_errors(key: str, path: str, stages: dict) -> list[str]:
         return []
     expanded = str(Path(path).expanduser())
     if any(ch in path for ch in "*?["):
-        return [] if glob.glob(expanded) else [f"{key}: no file matches {path!r}"]
-    return [] if Path(expanded).exists() else [f"{key}: {path!r} does not exist and no stage makes it"
-                                                + _did_you_mean(path.split("/", 1)[0], stages)]
+        return [] if glob.glob(expanded) else [MissingInput(f"{key}: no file matches {path!r}")]
+    return [] if Path(expanded).exists() else [MissingInput(f"{key}: {path!r} does not exist and no stage makes it"
+                                                            + _did_you_mean(path.split("/", 1)[0], stages))]
 
 
 def _input_errors(st: Stage, stages: dict, warnings: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
@@ -588,13 +597,14 @@ def builtin_recipe_path(path: str | Path) -> Path:
 
 
 def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: str | None = None,
-                sets: list[str] | None = None) -> Recipe:
+                sets: list[str] | None = None, missing_ok: bool = False) -> Recipe:
     """Parse and validate a whole recipe; raise one ConfigError listing every problem with its line.
 
     `profile` applies the recipe's `profiles: {NAME: {stages: {...}, evaluate: {...}}}` overlay first.
     Every stage's config is built and value-checked here, so a bad value in the last stage fails before
     the first stage runs. `sets` (`upstack run --set STAGE.KEY=VALUE`) override single options after the
-    profile, with the same checks as the file.
+    profile, with the same checks as the file. With `missing_ok` (a dry run), input files and folders that
+    do not exist yet are no error when nothing else is wrong: they are listed in `Recipe.missing`.
     """
     path = builtin_recipe_path(path)
     raw, lines = _read_yaml(path)
@@ -622,7 +632,8 @@ def load_recipe(path: str | Path, run_dir: str | Path | None = None, profile: st
     folders = {s: run_dir / s for s in stages}
     for sname in order:
         _prepare_stage(stages[sname], folders, stages, lines, errors)
-    if errors:  # a problem with a --set value has "line --set ...": it names the option, not a line
-        errors = [e[len("line "):] if e.startswith("line --set ") else e for e in errors]
-        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
-    return Recipe(name, path, run_dir, {s: stages[s] for s in order}, raw)
+    # a problem with a --set value has "line --set ...": it names the option, not a line
+    listed = [e[len("line "):] if e.startswith("line --set ") else str(e) for e in errors]
+    if errors and not (missing_ok and all(isinstance(e, MissingInput) for e in errors)):
+        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(listed))
+    return Recipe(name, path, run_dir, {s: stages[s] for s in order}, raw, missing=listed)

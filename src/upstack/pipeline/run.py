@@ -54,14 +54,20 @@ def _process_state():
     return PartialState(cpu=not torch.cuda.is_available())  # a CPU launch is multi-process CPU (gloo)
 
 
-def _forced_stages(recipe: Recipe, from_stage: str | None, only: str | None) -> set[str]:
-    """The stages --from/--only re-run even when done (checks the names, and --only's inputs)."""
+def check_stage_names(recipe: Recipe, from_stage: str | None, only: str | None) -> None:
+    """--from/--only must name stages of the recipe (a real run and a dry run alike)."""
     names = list(recipe.stages)
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in recipe.stages:
             close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ConfigError(f"{flag} {value!r}: no such stage ({hint}stages: {', '.join(names)})")
+
+
+def _forced_stages(recipe: Recipe, from_stage: str | None, only: str | None) -> set[str]:
+    """The stages --from/--only re-run even when done (checks the names, and --only's inputs)."""
+    check_stage_names(recipe, from_stage, only)
+    names = list(recipe.stages)
     force: set[str] = set()
     if from_stage:
         force = set(names[names.index(from_stage):])
@@ -99,6 +105,8 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     run on all processes, the others on the main process only, with a barrier after each stage; only
     the main process writes markers and reports (the run folder must be on a shared file system).
     """
+    if recipe.missing:  # loaded for a dry run (missing_ok): the real run needs every input first
+        raise ConfigError(f"{recipe.path}: {len(recipe.missing)} problem(s):\n  " + "\n  ".join(recipe.missing))
     state = _process_state()
     main = state is None or state.is_main_process
     if not main:

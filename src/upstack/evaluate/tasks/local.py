@@ -9,7 +9,7 @@ from pathlib import Path
 from upstack.data.benchmarks import load_docs, mmlu_subject
 from upstack.errors import ConfigError, DataError
 from upstack.evaluate.config import EvalConfig
-from upstack.evaluate.tasks.registry import LOCAL_TASKS, TASK_YAML_DIR
+from upstack.evaluate.tasks.registry import LOCAL_TASKS, TASK_YAML_DIR, fewshot_for
 
 _EXTS = {"mmlu": (".csv",), "truthfulqa": (".json", ".jsonl")}
 
@@ -107,11 +107,15 @@ def write_local_tasks(tmp: Path, task: str, cfg: EvalConfig) -> dict[str, dict[s
     spec = LOCAL_TASKS[task]
     entries = resolve_local_files(task, cfg)
     used = {}
+    short = []
     for name, eval_file, fewshot in entries:
-        load_docs(spec.format, eval_file)  # validate every row now, before any model is loaded
+        rows = len(load_docs(spec.format, eval_file))  # validate every row now, before any model is loaded
         if fewshot != eval_file:
-            load_docs(spec.format, fewshot)
+            rows = len(load_docs(spec.format, fewshot))
         same = fewshot.resolve() == eval_file.resolve()
+        problem = _too_few_fewshot_rows(task, name, cfg, fewshot, rows, same and bool(spec.fewshot_order))
+        if problem:
+            short.append(problem)
         doc = {
             "include": str(TASK_YAML_DIR / spec.template),
             "task": name,
@@ -127,8 +131,28 @@ def write_local_tasks(tmp: Path, task: str, cfg: EvalConfig) -> dict[str, dict[s
             doc["description"] = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
         used[name] = {"eval": str(eval_file), "fewshot": str(fewshot)}
+    if short:
+        more = f" (and {len(short) - 1} more subject(s) of {task})" if len(short) > 1 else ""
+        raise DataError(short[0] + more)
     if spec.format == "mmlu":
         group = {"group": task, "task": [n for n, _, _ in entries],
                  "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
         (tmp / f"{task}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
     return used
+
+
+def _too_few_fewshot_rows(task: str, name: str, cfg: EvalConfig, fewshot: Path, rows: int, leave_out: bool) -> str | None:
+    """Why `name` cannot draw its few-shot examples from `rows` rows of `fewshot`, else None. lm-eval would
+    stop mid-run with `ValueError: Sample larger than population`: from the scored file it draws the
+    examples among the other rows (leave_out: one more row needed); from a few-shot file, among all."""
+    shots = fewshot_for(task, name, cfg, None)
+    need = shots + 1 if leave_out else shots
+    if rows >= need:
+        return None
+    at_most = max(rows - 1 if leave_out else rows, 0)
+    source = (f"{rows} row(s) in {fewshot}, the scored file (its examples leave the scored row out)" if leave_out
+              else f"{rows} row(s) in the few-shot file {fewshot}")
+    fewer = f"--num-fewshot {task}=0" + (f" (or up to {at_most})" if at_most else "")
+    label = name if name == task else f"{name} ({task})"
+    return (f"{label}: {shots}-shot needs {need} rows, found {source}; pass {fewer}, or "
+            f"--fewshot-file {task}=FILE with at least {shots} rows")

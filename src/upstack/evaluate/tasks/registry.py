@@ -82,6 +82,19 @@ def expand_tasks(cfg) -> list[str]:
     return out
 
 
+def fewshot_for(top_name: str, leaf_name: str, cfg, default: int | None) -> int:
+    """The few-shot count of a task: --num-fewshot TASK=N (the leaf, e.g. one MMLU subject, or its group),
+    else --num-fewshot N, else the leaderboard's count for H6 tasks, else the task's own default."""
+    for key in (leaf_name, top_name):
+        if key in cfg.task_fewshot:
+            return cfg.task_fewshot[key]
+    if cfg.num_fewshot is not None:
+        return cfg.num_fewshot
+    if top_name in H6_BY_TASK:
+        return H6_BY_TASK[top_name].num_fewshot
+    return default if default is not None else 0
+
+
 def known_task_names() -> list[str]:
     return list(PRESETS) + [t.task for t in H6] + list(LOCAL_TASKS)
 
