@@ -125,6 +125,8 @@ def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet:
     if main:  # a run replaces only what a run made: anything else in the way is refused before any stage runs
         prepare_run_folder(recipe, [st for st in recipe.stages.values() if not only or st.name == only])
         write_file(recipe.run_dir / "recipe.yaml", recipe.path.read_text())
+    if state is not None:  # the run folder is checked before any process writes into it
+        state.wait_for_everyone()
     summary = {"recipe": str(recipe.path), "run_dir": str(recipe.run_dir), "stages": {}}
     sizes: dict[str, dict] = {}
     for st in recipe.stages.values():
@@ -137,6 +139,8 @@ def _run_stages(recipe: Recipe, state, force: set[str], only: str | None, quiet:
             continue
         if main:
             claim_stage(recipe, st)
+        if state is not None:  # no process may create the stage's folder before the main one has claimed it
+            state.wait_for_everyone()
         log(f"[{st.name}] running {st.type} -> {st.folder}")
         started = time.time()
         with _heartbeat(st.name, log if main else None):
