@@ -87,6 +87,8 @@ def check_model_inputs(st: Stage, recipe: Recipe) -> None:
             p = Path(v).expanduser()
             if not _outside(p, run_dir):
                 continue
+            if st.type == "import" and p.is_file():  # a GGUF file: `upstack import` checks it before reading
+                continue
             if key == "adapter":
                 open_adapter(p)
             else:
